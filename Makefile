@@ -1,0 +1,101 @@
+# The front door: `make help` lists every target.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements/dev.lock 2>/dev/null | sha256sum | cut -c1-12)
+COMPOSE := docker compose
+PYTEST := $(BIN)/pytest
+
+# Development server on loopback (make run).
+RUN_ENV := HOST=127.0.0.1 PORT=8000 METRICS_HOST=127.0.0.1 METRICS_PORT=9000 \
+	PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/.cache/prometheus-multiproc WORKER_TMP_DIR=/tmp \
+	LOG_FORMAT=console
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+# --- development -----------------------------------------------------------------------
+
+$(STAMP): requirements/dev.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/dev.lock
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## Create .venv with the pinned (hash-checked) dependencies
+
+.PHONY: lock
+lock: ## Re-resolve requirements/*.in into the hash-pinned lock files
+	$(PYTHON) -m pip install --quiet --target .cache/uv uv
+	PYTHONPATH=.cache/uv $(PYTHON) -m uv pip compile --quiet --universal --python-version 3.11 \
+		--generate-hashes requirements/runtime.in -o requirements/runtime.lock
+	PYTHONPATH=.cache/uv $(PYTHON) -m uv pip compile --quiet --universal --python-version 3.11 \
+		--generate-hashes requirements/dev.in -o requirements/dev.lock
+
+.PHONY: run
+run: install ## Run the serving layer on 127.0.0.1:8000 (metrics on :9000), console logs
+	$(RUN_ENV) $(BIN)/gunicorn -c server/gunicorn_conf.py
+
+.PHONY: fmt
+fmt: install ## Format the code (ruff)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+.PHONY: lint
+lint: install ## Static checks: ruff, mypy, hadolint
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile nginx/Dockerfile $(wildcard monitoring/*/Dockerfile loadtests/Dockerfile)
+
+# --- tests -----------------------------------------------------------------------------
+
+.PHONY: test
+test: lint test-unit test-integration test-e2e ## Everything: lint, unit, integration, e2e
+
+.PHONY: test-unit
+test-unit: install ## Unit tests (seconds, in-process)
+	$(PYTEST) tests/unit -q
+
+.PHONY: test-integration
+test-integration: install ## Integration tests: real gunicorn + uvicorn workers on loopback
+	$(PYTEST) tests/integration -q -m integration
+
+.PHONY: test-e2e
+test-e2e: install prerequisites ## End-to-end tests: the real compose stack in Docker
+	$(PYTEST) tests/e2e -q -m e2e
+
+.PHONY: prerequisites
+prerequisites: ## Docker Compose plugin and local base images (no registry needed)
+	bash scripts/ensure-compose.sh
+	bash scripts/base-images.sh
+
+# --- the stack -------------------------------------------------------------------------
+
+.PHONY: up
+up: ## Build and start the stack, wait until healthy (https://localhost)
+	$(COMPOSE) up --build --detach --wait
+
+.PHONY: down
+down: ## Stop and remove the stack's containers (volumes are kept)
+	$(COMPOSE) down --remove-orphans
+
+.PHONY: logs
+logs: ## Follow the logs of every service
+	$(COMPOSE) logs --follow --tail=100
+
+.PHONY: ps
+ps: ## Show the stack's services and their health
+	$(COMPOSE) ps
+
+.PHONY: reload
+reload: ## Reload nginx and gunicorn without dropping requests (SIGHUP)
+	$(COMPOSE) kill --signal HUP nginx
+	$(COMPOSE) kill --signal HUP app

@@ -1,0 +1,1 @@
+"""The example service. Replace it with your own and point APP_MODULE at it."""

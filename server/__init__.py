@@ -1,0 +1,1 @@
+"""The app-agnostic serving layer: settings, gunicorn config, worker, logging, metrics."""

@@ -1,0 +1,36 @@
+"""The ASGI callable gunicorn's workers serve: the user's app inside the serving layer.
+
+`APP_MODULE` names the app ("module:attribute"); the serving layer wraps it, so the app
+itself needs to know nothing about health checks, request ids, logs or metrics:
+
+    HealthMiddleware -> ObservabilityMiddleware -> the app
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from uvicorn.importer import import_from_string
+
+from server.health import STATE, HealthMiddleware
+from server.metrics import HttpMetrics
+from server.middleware import ObservabilityMiddleware
+from server.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from server.middleware import ASGIApp
+
+__all__ = ["app", "wrap"]
+
+
+def wrap(user_app: ASGIApp, metrics: HttpMetrics | None = None) -> ASGIApp:
+    """Put the serving layer's middleware around an ASGI app."""
+    return HealthMiddleware(ObservabilityMiddleware(user_app, metrics or HttpMetrics()), STATE)
+
+
+def create_app(settings: Settings) -> ASGIApp:
+    user_app: ASGIApp = import_from_string(settings.app_module)
+    return wrap(user_app)
+
+
+app = create_app(get_settings())

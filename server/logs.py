@@ -1,0 +1,223 @@
+"""Logging: one JSON object per line on stdout, for gunicorn, uvicorn and the app alike.
+
+Configured once per process (`configure_logging`), as structlog's documentation suggests:
+a list of processors that reads like the life of a log line. Two doors lead to it:
+
+* structlog loggers (`get_logger`), used on the hot path (the access line), render straight
+  to bytes with orjson;
+* stdlib loggers (gunicorn.error, uvicorn.error, the app's `logging.getLogger`) go through
+  structlog's `ProcessorFormatter` with the same processors, so every line has the same keys:
+  `timestamp` (ISO-8601 UTC), `level`, `logger`, `event`, `pid`, plus `request_id` and
+  whatever else is bound in the request's context.
+
+Each line is written with one `write(2)` on fd 1, so lines of concurrent processes sharing
+the container's stdout never interleave (writes up to PIPE_BUF are atomic).
+https://www.structlog.org/en/stable/standard-library.html
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+import structlog
+from gunicorn.glogging import Logger as _GunicornLogger
+
+if TYPE_CHECKING:
+    from collections.abc import MutableMapping
+
+__all__ = ["GunicornLogger", "configure_logging", "get_logger", "log_startup_error"]
+
+Format = Literal["json", "console"]
+
+_STDOUT = 1
+
+
+def _write_line(data: bytes) -> None:
+    """Write one whole line to stdout in a single syscall where the kernel allows."""
+    view = memoryview(data + b"\n")
+    while view:
+        try:
+            written = os.write(_STDOUT, view)
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            written = 0
+        view = view[written:]
+
+
+class _FdLogger:
+    """structlog's final logger: takes the rendered line, writes it to fd 1."""
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name
+
+    def msg(self, message: bytes | str) -> None:
+        _write_line(message if isinstance(message, bytes) else message.encode())
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = msg
+
+
+def _fd_logger_factory(*args: Any) -> _FdLogger:
+    return _FdLogger(args[0] if args and isinstance(args[0], str) else None)
+
+
+class _FdHandler(logging.Handler):
+    """A stdlib handler that writes each formatted record as one line to fd 1."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _write_line(self.format(record).encode())
+        except Exception:  # noqa: BLE001 - logging must never take the process down
+            self.handleError(record)
+
+
+def _add_pid(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event_dict["pid"] = _PID.value
+    return event_dict
+
+
+class _Pid:
+    """The current pid, refreshed after fork so workers do not report the master's."""
+
+    value = os.getpid()
+
+    @classmethod
+    def refresh(cls) -> None:
+        cls.value = os.getpid()
+
+
+_PID = _Pid
+os.register_at_fork(after_in_child=_Pid.refresh)
+
+
+def _add_logger_name(
+    logger: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """`logger` key for structlog loggers (stdlib records get it from add_logger_name)."""
+    if "logger" not in event_dict:
+        event_dict["logger"] = getattr(logger, "name", None)
+    return event_dict
+
+
+def _drop_color_message(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # uvicorn adds a copy of each message with ANSI colours for its own formatter.
+    event_dict.pop("color_message", None)
+    return event_dict
+
+
+def _orjson_dumps(obj: Any, **_: Any) -> bytes:
+    return orjson.dumps(obj, default=repr)
+
+
+def _orjson_dumps_str(obj: Any, **_: Any) -> str:
+    return orjson.dumps(obj, default=repr).decode()
+
+
+def _shared_processors(fmt: Format) -> list[Any]:
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,  # request_id and friends
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+        _add_pid,
+        _drop_color_message,
+    ]
+    if fmt == "json":
+        # Exceptions become structured fields (type, value, frames), never multi-line text.
+        # Locals are left out: they are large and may hold secrets.
+        processors.append(
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False, max_frames=30)
+            )
+        )
+    return processors
+
+
+def configure_logging(level: str = "info", fmt: Format = "json") -> None:
+    """Configure structlog and the stdlib root logger for this process (idempotent)."""
+    numeric_level = logging.getLevelName(level.upper())
+    if not isinstance(numeric_level, int):
+        numeric_level = logging.INFO
+    shared = _shared_processors(fmt)
+
+    if fmt == "json":
+        native_renderer: Any = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        stdlib_renderer: Any = structlog.processors.JSONRenderer(serializer=_orjson_dumps_str)
+    else:
+        native_renderer = stdlib_renderer = structlog.dev.ConsoleRenderer(
+            colors=sys.stdout.isatty()
+        )
+
+    structlog.configure(
+        processors=[_add_logger_name, *shared, native_renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        logger_factory=_fd_logger_factory,
+        cache_logger_on_first_use=True,
+    )
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.ExtraAdder(),
+            *shared,
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, stdlib_renderer],
+    )
+    handler = _FdHandler()
+    handler.setFormatter(formatter)
+    handler.set_name("server")
+
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(numeric_level)
+    # gunicorn and uvicorn attach their own handlers and stop propagation: route them to ours.
+    for name in ("gunicorn.error", "uvicorn", "uvicorn.error"):
+        named = logging.getLogger(name)
+        named.handlers = [handler]
+        named.propagate = False
+        named.setLevel(numeric_level)
+    # Each request is logged once by our middleware; these would be duplicates.
+    for name in ("gunicorn.access", "uvicorn.access"):
+        named = logging.getLogger(name)
+        named.handlers = []
+        named.propagate = False
+        named.disabled = True
+    logging.captureWarnings(True)
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger whose lines carry `logger=name`."""
+    return structlog.get_logger(name)
+
+
+class GunicornLogger(_GunicornLogger):
+    """gunicorn's logger class, re-pointed at our handlers (`logger_class` setting)."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        from server.settings import get_settings
+
+        settings = get_settings()
+        configure_logging(settings.log_level, settings.log_format)
+
+    def access(self, *args: Any, **kwargs: Any) -> None:
+        """Access lines come from our ASGI middleware, one per request."""
+
+
+def log_startup_error(message: str, logger: str = "server") -> None:
+    """Report a start-up failure as one JSON line on stdout, before logging is configured."""
+    from datetime import UTC, datetime
+
+    record = {
+        "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "level": "critical",
+        "logger": logger,
+        "event": message,
+        "pid": os.getpid(),
+    }
+    _write_line(orjson.dumps(record))

@@ -1,0 +1,220 @@
+"""Prometheus metrics that stay correct across gunicorn workers.
+
+Workers record HTTP metrics with prometheus_client in multiprocess mode: each process writes
+its own memory-mapped files in PROMETHEUS_MULTIPROC_DIR. The gunicorn master wipes that
+directory at start, marks dead workers (so `livesum` gauges drop them, while their counters
+keep counting), and serves the aggregate on its own port from a thread. The master never
+runs application code, so /metrics answers even while every worker is stuck.
+https://prometheus.github.io/client_python/multiprocess/
+
+The master also exports what only it knows: live workers, worker restarts, build info, and
+CPU / memory / fds of every process in the container (multiprocess mode has no process
+collector).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import threading
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from pathlib import Path
+    from wsgiref.simple_server import WSGIServer
+
+__all__ = [
+    "HTTP_BUCKETS",
+    "MASTER",
+    "UNMATCHED_ROUTE",
+    "HttpMetrics",
+    "MasterCollector",
+    "mark_worker_dead",
+    "prepare_multiproc_dir",
+    "start_metrics_server",
+]
+
+# Resolve web latencies from 1 ms to 10 s.
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Every path no route matched shares this label value, so a scanner cannot create series.
+UNMATCHED_ROUTE = "<unmatched>"
+_KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+
+def _multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class HttpMetrics:
+    """The per-request metrics, with label children cached for the hot path."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # In multiprocess mode values live in files and the master aggregates them, so the
+        # metrics are not registered anywhere in the worker.
+        if registry is None and not _multiprocess():
+            registry = CollectorRegistry()
+        self.registry = registry
+        self.requests = Counter(
+            "http_requests_total",
+            "HTTP requests handled by the app, by method, route template and status.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "http_request_duration_seconds",
+            "Time from the request reaching the app to the end of its response.",
+            ["method", "route"],
+            buckets=HTTP_BUCKETS,
+            registry=registry,
+        )
+        self.in_progress = Gauge(
+            "http_requests_in_progress",
+            "HTTP requests being handled right now, over all live workers.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._histograms: dict[tuple[str, str], Any] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        if method not in _KNOWN_METHODS:
+            method = "OTHER"
+        key = (method, route, status)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.requests.labels(method, route, str(status))
+        counter.inc()
+        hkey = (method, route)
+        histogram = self._histograms.get(hkey)
+        if histogram is None:
+            histogram = self._histograms[hkey] = self.duration.labels(method, route)
+        histogram.observe(seconds)
+
+
+def prepare_multiproc_dir(path: Path) -> None:
+    """Start from an empty directory: stale files from a previous run would be summed."""
+    path.mkdir(parents=True, exist_ok=True)
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges; its counters and histograms keep counting."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+# --- process metrics from /proc: the master, and every worker it supervises -------------
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _process_stats(pid: int) -> tuple[float, int, int] | None:
+    """(cpu seconds, resident bytes, open fds) of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            stat = stat_file.read()
+        with open(f"/proc/{pid}/statm", "rb") as statm_file:
+            rss_pages = int(statm_file.read().split()[1])
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, ValueError, IndexError):
+        return None
+    # The command name may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / _CLOCK_TICKS, rss_pages * _PAGE_SIZE, fds
+
+
+class MasterCollector(Collector):
+    """What the gunicorn master knows: workers, restarts, build info, process resources."""
+
+    def __init__(self, worker_pids: Callable[[], Iterable[int]], version: str) -> None:
+        self._worker_pids = worker_pids
+        self._version = version
+        self._restarts = 0
+        self._lock = threading.Lock()
+
+    def worker_restarted(self) -> None:
+        with self._lock:
+            self._restarts += 1
+
+    def collect(self) -> Iterable[Metric]:
+        workers = sorted(self._worker_pids())
+        live = GaugeMetricFamily("gunicorn_workers", "Worker processes the master supervises.")
+        live.add_metric([], len(workers))
+        yield live
+
+        restarts = CounterMetricFamily(
+            "gunicorn_worker_restarts",
+            "Workers that exited while the master kept running (crash, kill, timeout, "
+            "max_requests recycling, reload).",
+        )
+        with self._lock:
+            restarts.add_metric([], self._restarts)
+        yield restarts
+
+        info = GaugeMetricFamily(
+            "app_build_info",
+            "Always 1; labels carry the build.",
+            labels=["version", "python_version"],
+        )
+        info.add_metric([self._version, platform.python_version()], 1)
+        yield info
+
+        cpu = CounterMetricFamily(
+            "process_cpu_seconds", "User and system CPU time.", labels=["role", "pid"]
+        )
+        rss = GaugeMetricFamily(
+            "process_resident_memory_bytes", "Resident memory.", labels=["role", "pid"]
+        )
+        fds = GaugeMetricFamily(
+            "process_open_fds", "Open file descriptors.", labels=["role", "pid"]
+        )
+        processes = [("master", os.getpid())] + [("worker", pid) for pid in workers]
+        for role, pid in processes:
+            stats = _process_stats(pid)
+            if stats is None:
+                continue
+            labels = [role, str(pid)]
+            cpu.add_metric(labels, stats[0])
+            rss.add_metric(labels, stats[1])
+            fds.add_metric(labels, stats[2])
+        yield cpu
+        yield rss
+        yield fds
+
+
+class _MasterMetrics:
+    """The master's metrics objects; module state, so a config reload (SIGHUP) keeps them."""
+
+    collector: MasterCollector | None = None
+    httpd: WSGIServer | None = None
+
+
+MASTER = _MasterMetrics()
+
+
+def start_metrics_server(
+    host: str, port: int, multiproc_dir: Path, master: MasterCollector
+) -> WSGIServer:
+    """Serve the aggregate of all workers plus the master's own metrics, from a thread."""
+    from prometheus_client import multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+    registry.register(master)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

@@ -1,0 +1,125 @@
+"""The per-request ASGI middleware: request id, access line, metrics, last-resort 500.
+
+Pure ASGI (as Starlette's own middleware is written), not `BaseHTTPMiddleware`, which
+costs a task and a stream per request. One class does the four jobs because each layer
+of middleware costs time on every request; each job's logic lives in its own module
+(`server.request_id`, `server.metrics`, `server.logs`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+
+from server import request_id
+from server.logs import get_logger
+from server.metrics import UNMATCHED_ROUTE, HttpMetrics
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, MutableMapping
+
+    Scope = MutableMapping[str, Any]
+    Message = MutableMapping[str, Any]
+    Receive = Callable[[], Awaitable[Message]]
+    Send = Callable[[Message], Awaitable[None]]
+    ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+__all__ = ["ObservabilityMiddleware", "route_template"]
+
+_access_log = get_logger("server.access")
+_error_log = get_logger("server.errors")
+_bind = structlog.contextvars.bind_contextvars
+_reset = structlog.contextvars.reset_contextvars
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's template (`/api/items/{item_id}`), never the raw path."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return scope.get("root_path", "") + path if path else "/"
+    return UNMATCHED_ROUTE
+
+
+class ObservabilityMiddleware:
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        started = time.perf_counter()
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        incoming = None
+        for name, value in headers:
+            if name == request_id.HEADER:
+                incoming = value
+                break
+        rid = request_id.accept_or_generate(incoming)
+        rid_bytes = rid.encode("ascii")
+        if incoming != rid_bytes:
+            # Let the app read the id it will be logged under from its request headers.
+            scope["headers"] = [h for h in headers if h[0] != request_id.HEADER]
+            scope["headers"].append((request_id.HEADER, rid_bytes))
+        tokens = _bind(request_id=rid)
+
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message["headers"] = [*message.get("headers", ()), (request_id.HEADER, rid_bytes)]
+            await send(message)
+
+        in_progress = self.metrics.in_progress
+        in_progress.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:  # noqa: BLE001 - the last resort: log it, answer 500, keep the worker
+            # Structured, with the request id; the client never sees the traceback.
+            _error_log.exception("unhandled exception", method=scope["method"], path=scope["path"])
+            status = 500
+            if not response_started:
+                await _send_json_500(send_with_id, rid)
+        finally:
+            in_progress.dec()
+            seconds = time.perf_counter() - started
+            route = route_template(scope)
+            method = scope["method"]
+            self.metrics.observe(method, route, status, seconds)
+            client = scope.get("client")
+            _access_log.info(
+                "request",
+                method=method,
+                path=scope["path"],
+                route=route,
+                status=status,
+                duration_ms=round(seconds * 1000, 3),
+                client=client[0] if client else None,
+                http_version=scope.get("http_version"),
+            )
+            _reset(**tokens)
+
+
+async def _send_json_500(send: Send, rid: str) -> None:
+    body = orjson.dumps({"detail": "internal server error", "request_id": rid})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 500,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

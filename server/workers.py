@@ -1,0 +1,63 @@
+"""The gunicorn worker class: uvicorn-worker's, given what the stock class leaves out.
+
+The stock `uvicorn_worker.UvicornWorker` passes gunicorn's keep-alive, timeout and
+max_requests to uvicorn, but not the graceful-shutdown timeout, the proxy headers with
+their trusted addresses, or an explicit choice of uvloop and httptools; and it leaves
+uvicorn's own access log on. This class sets those from `server.settings`, and flips the
+worker's readiness to "stopping" as soon as a shutdown signal arrives.
+https://github.com/Kludex/uvicorn-worker
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from gunicorn.arbiter import Arbiter
+from uvicorn.server import Server
+from uvicorn_worker import UvicornWorker as _StockUvicornWorker
+
+from server.health import STATE
+from server.logs import configure_logging
+from server.settings import get_settings
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+__all__ = ["UvicornWorker"]
+
+
+class _Server(Server):
+    """uvicorn's server, marking the worker not ready the moment it is told to stop."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        STATE.stopping = True
+        super().handle_exit(sig, frame)
+
+
+class UvicornWorker(_StockUvicornWorker):
+    # Fail loudly if the fast implementations are missing rather than fall back silently.
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "uvloop", "http": "httptools"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        settings = get_settings()
+        # The stock class points uvicorn's loggers at gunicorn's handlers; use ours.
+        configure_logging(settings.log_level, settings.log_format)
+        config = self.config
+        config.timeout_graceful_shutdown = settings.shutdown_timeout
+        config.timeout_keep_alive = settings.keepalive_timeout
+        config.proxy_headers = True
+        config.forwarded_allow_ips = settings.forwarded_allow_ips
+        config.access_log = False  # our middleware logs each request once
+        config.server_header = False  # nginx decides what the client sees
+        logging.getLogger("uvicorn.access").disabled = True
+
+    async def _serve(self) -> None:
+        self.config.app = self.wsgi
+        server = _Server(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
