@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -24,7 +25,6 @@ from app.catalog import CATALOG, Item
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-    from decimal import Decimal
 
 log = logging.getLogger("app")
 

@@ -8,11 +8,13 @@ itself needs to know nothing about health checks, request ids, logs or metrics:
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
-from uvicorn.importer import import_from_string
+from uvicorn.importer import ImportFromStringError, import_from_string
 
 from server.health import STATE, HealthMiddleware
+from server.logs import get_logger
 from server.metrics import HttpMetrics
 from server.middleware import ObservabilityMiddleware
 from server.settings import Settings, get_settings
@@ -28,8 +30,17 @@ def wrap(user_app: ASGIApp, metrics: HttpMetrics | None = None) -> ASGIApp:
     return HealthMiddleware(ObservabilityMiddleware(user_app, metrics or HttpMetrics()), STATE)
 
 
+APP_LOAD_ERROR = 4  # gunicorn's Arbiter.APP_LOAD_ERROR: the master halts instead of respawning
+
+
 def create_app(settings: Settings) -> ASGIApp:
-    user_app: ASGIApp = import_from_string(settings.app_module)
+    try:
+        user_app: ASGIApp = import_from_string(settings.app_module)
+    except ImportFromStringError as error:
+        get_logger("server.asgi").critical(
+            "cannot load the application", app_module=settings.app_module, error=str(error)
+        )
+        sys.exit(APP_LOAD_ERROR)
     return wrap(user_app)
 
 

@@ -19,7 +19,7 @@ try:
     _settings = get_settings()
 except SettingsError as _error:
     log_startup_error(str(_error), logger="server.settings")
-    sys.exit(78)  # EX_CONFIG: a restart will not fix a bad setting
+    sys.exit(78)  # EX_CONFIG (sysexits.h): a restart will not fix a bad setting
 
 # prometheus_client picks its multiprocess value class when first imported: set the
 # directory before anything imports it.

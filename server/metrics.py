@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import struct
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -207,14 +209,68 @@ class _MasterMetrics:
 MASTER = _MasterMetrics()
 
 
+class _MultiProcessCollector(Collector):
+    """prometheus_client's MultiProcessCollector, tolerant of files that come and go.
+
+    A worker creating its file (size 0 until truncated to size) or a dead worker's gauge
+    file being removed during a scrape would otherwise fail the whole scrape.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        for attempt in range(3):
+            files = []
+            for entry in self._path.glob("*.db"):
+                try:
+                    if entry.stat().st_size > 0:
+                        files.append(str(entry))
+                except FileNotFoundError:
+                    continue
+            try:
+                return list(MultiProcessCollector.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
+            except (OSError, struct.error):
+                if attempt == 2:
+                    raise
+        return []
+
+
+def _logged(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    """A failed scrape answers 500 and is logged as JSON, not printed as a traceback."""
+    from server.logs import get_logger
+
+    log = get_logger("server.metrics")
+
+    def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            return list(app(environ, start_response))
+        except Exception:  # one failed scrape must not kill the thread
+            log.exception("metrics scrape failed")
+            headers = [("Content-Type", "text/plain")]
+            start_response("500 Internal Server Error", headers, sys.exc_info())
+            return [b"metrics collection failed\n"]
+
+    return wsgi
+
+
 def start_metrics_server(
     host: str, port: int, multiproc_dir: Path, master: MasterCollector
 ) -> WSGIServer:
     """Serve the aggregate of all workers plus the master's own metrics, from a thread."""
-    from prometheus_client import multiprocess, start_http_server
+    from wsgiref.simple_server import make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+    registry.register(_MultiProcessCollector(multiproc_dir))
     registry.register(master)
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server
+    httpd = make_server(
+        host, port, _logged(make_wsgi_app(registry)), ThreadingWSGIServer, _SilentHandler
+    )
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return httpd

@@ -1,0 +1,33 @@
+"""`python -m server`: validate the settings, then become the gunicorn master.
+
+Gunicorn reads a few of the same environment variables itself (WEB_CONCURRENCY,
+FORWARDED_ALLOW_IPS) and fails on a bad one with a message that does not name it, or a
+traceback. Checking everything here first gives one clear line naming the variable; the
+`exec` keeps gunicorn as the same process (PID 1 in the container), so signals reach it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from server.logs import log_startup_error
+from server.settings import SettingsError, load_settings
+
+CONFIG = Path(__file__).with_name("gunicorn_conf.py")
+EX_CONFIG = 78  # sysexits.h: a restart will not fix a bad setting
+
+
+def main() -> None:
+    try:
+        load_settings()
+    except SettingsError as error:
+        log_startup_error(str(error), logger="server.settings")
+        sys.exit(EX_CONFIG)
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    os.execv(gunicorn, [str(gunicorn), "--config", str(CONFIG), *sys.argv[1:]])  # noqa: S606
+
+
+if __name__ == "__main__":
+    main()

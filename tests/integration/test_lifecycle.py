@@ -1,0 +1,112 @@
+"""Start-up and shutdown of the real server: bad settings, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import httpx
+import orjson
+import pytest
+
+from tests.integration.conftest import ROOT, start_server
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("WORKER_TIMEOUT", "soon"),
+        ("LOG_FORMAT", "xml"),
+        ("PORT", "70000"),
+        ("FORWARDED_ALLOW_IPS", "the-proxy"),
+        ("APP_MODULE", "no colon here"),
+        ("WEB_CONCURRENCY", "lots"),
+        ("SHUTDOWN_TIMEOUT", "60"),
+    ],
+)
+def test_bad_setting_stops_startup_with_its_message(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    env = {"PATH": "/usr/bin:/bin", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), variable: value}
+    result = subprocess.run(
+        [sys.executable, "-m", "server"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 78
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout + result.stderr
+    record = orjson.loads(lines[0])
+    assert record["level"] == "critical"
+    assert variable in record["event"]
+    if variable != "SHUTDOWN_TIMEOUT":  # a relation between two settings names both
+        assert f"{variable}='{value}' is invalid: expected " in record["event"]
+    assert result.stderr == b""
+
+
+def test_unimportable_app_module_stops_startup(tmp_path: Path) -> None:
+    server = start_server(tmp_path, APP_MODULE="app.nonexistent:app")
+    code = server.process.wait(timeout=30)
+    assert code != 0
+    failures = [r for r in server.records() if r["event"] == "cannot load the application"]
+    assert failures, server.tail()
+    assert failures[0]["app_module"] == "app.nonexistent:app"
+    assert failures[0]["level"] == "critical"
+
+
+def _slow(url: str) -> tuple[int, float]:
+    started = time.monotonic()
+    response = httpx.get(url, timeout=30)
+    return response.status_code, time.monotonic() - started
+
+
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tmp_path: Path) -> None:
+    server = start_server(tmp_path, SHUTDOWN_TIMEOUT="10", GRACEFUL_TIMEOUT="15")
+    server.wait_ready(workers=2)
+    in_flight = 6
+    with concurrent.futures.ThreadPoolExecutor(max_workers=in_flight) as pool:
+        futures = [pool.submit(_slow, f"{server.url}/api/slow?seconds=2") for _ in range(in_flight)]
+        # Every request has reached a worker before the signal.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            busy = sum(
+                1 for r in server.records() if r.get("event") == "request" and r.get("route")
+            )
+            text = server.metrics()
+            if f"http_requests_in_progress {float(in_flight)}" in text:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"requests never all in flight: {busy}")
+        server.process.terminate()  # SIGTERM to the master
+
+        # New connections are refused once the listeners are closed.
+        def refused() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", server.port), timeout=0.5):
+                    return False
+            except OSError:
+                return True
+
+        deadline = time.monotonic() + 3
+        while not refused():
+            assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+            time.sleep(0.05)
+        results = [f.result(timeout=30) for f in futures]
+
+    assert [status for status, _ in results] == [200] * in_flight
+    assert server.process.wait(timeout=30) == 0
+    for line in server.lines():
+        orjson.loads(line)
