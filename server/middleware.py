@@ -15,7 +15,7 @@ import orjson
 import structlog
 
 from server import request_id
-from server.logs import get_logger
+from server.logs import get_logger, log_access
 from server.metrics import UNMATCHED_ROUTE, HttpMetrics
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ObservabilityMiddleware", "route_template"]
 
-_access_log = get_logger("server.access")
 _error_log = get_logger("server.errors")
 _bind = structlog.contextvars.bind_contextvars
 _reset = structlog.contextvars.reset_contextvars
@@ -51,7 +50,10 @@ class ObservabilityMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
 
         started = time.perf_counter()
@@ -80,8 +82,8 @@ class ObservabilityMiddleware:
                 message["headers"] = [*message.get("headers", ()), (request_id.HEADER, rid_bytes)]
             await send(message)
 
-        in_progress = self.metrics.in_progress
-        in_progress.inc()
+        metrics = self.metrics
+        metrics.started()
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:  # noqa: BLE001 - the last resort: log it, answer 500, keep the worker
@@ -91,23 +93,34 @@ class ObservabilityMiddleware:
             if not response_started:
                 await _send_json_500(send_with_id, rid)
         finally:
-            in_progress.dec()
             seconds = time.perf_counter() - started
             route = route_template(scope)
             method = scope["method"]
-            self.metrics.observe(method, route, status, seconds)
+            metrics.observe(method, route, status, seconds)
             client = scope.get("client")
-            _access_log.info(
-                "request",
-                method=method,
-                path=scope["path"],
-                route=route,
-                status=status,
-                duration_ms=round(seconds * 1000, 3),
-                client=client[0] if client else None,
-                http_version=scope.get("http_version"),
+            log_access(
+                {
+                    "method": method,
+                    "path": scope["path"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "client": client[0] if client else None,
+                    "http_version": scope.get("http_version"),
+                }
             )
             _reset(**tokens)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Write the pending metrics before the worker exits."""
+        metrics = self.metrics
+
+        async def flush_then_send(message: Message) -> None:
+            if message["type"].startswith("lifespan.shutdown."):
+                metrics.flush()
+            await send(message)
+
+        await self.app(scope, receive, flush_then_send)
 
 
 async def _send_json_500(send: Send, rid: str) -> None:

@@ -16,6 +16,8 @@ import httpx
 import orjson
 import pytest
 
+from server.metrics import HttpMetrics
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -53,7 +55,10 @@ class Server:
     def records(self) -> list[dict[str, object]]:
         return [orjson.loads(line) for line in self.lines()]
 
-    def metrics(self) -> str:
+    def metrics(self, settle: bool = False) -> str:
+        """The scrape; `settle` first waits out the workers' metric flush interval."""
+        if settle:
+            time.sleep(HttpMetrics.FLUSH_INTERVAL * 2 + 0.1)
         return httpx.get(self.metrics_url, timeout=5).text
 
     def wait_ready(self, workers: int, timeout: float = 30) -> None:

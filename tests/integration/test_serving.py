@@ -147,11 +147,11 @@ def _fresh_connection_get(url: str) -> str:
 
 
 def test_metrics_count_every_request_over_all_workers(server: Server) -> None:
-    before = server.metrics()
+    before = server.metrics(settle=True)
     paths = ["/api/hello", "/api/items", "/api/items/1", "/api/items/404"] * 30
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         ids = list(pool.map(lambda p: _fresh_connection_get(server.url + p), paths))
-    after = server.metrics()
+    after = server.metrics(settle=True)
 
     sent = len(paths)
     assert total(after, "http_requests_total") - total(before, "http_requests_total") == sent
@@ -178,11 +178,13 @@ def test_scanner_paths_share_one_route_label(server: Server) -> None:
     def routes() -> set[str]:
         return {labels["route"] for labels, _ in samples(server.metrics(), "http_requests_total")}
 
+    time.sleep(0.5)  # the workers' metric flush interval
     known = routes()
     with httpx.Client(base_url=server.url, timeout=10) as client:
         for _ in range(100):
             path = f"/{secrets.token_hex(4)}/{secrets.token_hex(8)}.php"
             assert client.get(path).status_code == 404
+    time.sleep(0.5)  # the workers' metric flush interval
     added = routes() - known
     assert added <= {"<unmatched>"}
     assert "<unmatched>" in routes()
@@ -221,7 +223,7 @@ def test_killed_worker_is_replaced_and_counters_never_go_backwards(server: Serve
     with httpx.Client(base_url=server.url, timeout=10) as client:
         for _ in range(20):
             client.get("/api/hello")
-    text = server.metrics()
+    text = server.metrics(settle=True)
     requests_before = total(text, "http_requests_total")
     restarts_before = total(text, "gunicorn_worker_restarts_total")
     pids = _worker_pids(server)

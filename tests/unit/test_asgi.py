@@ -27,6 +27,7 @@ async def client(metrics: HttpMetrics) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def _value(metrics: HttpMetrics, name: str, **labels: str) -> float:
+    metrics.flush()
     value = metrics.registry.get_sample_value(name, labels) if metrics.registry else None
     return value or 0.0
 
