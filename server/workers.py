@@ -10,6 +10,7 @@ https://github.com/Kludex/uvicorn-worker
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -23,17 +24,32 @@ from server.logs import configure_logging
 from server.settings import get_settings
 
 if TYPE_CHECKING:
+    import socket
     from types import FrameType
 
 __all__ = ["UvicornWorker"]
 
 
 class _Server(Server):
-    """uvicorn's server, marking the worker not ready the moment it is told to stop."""
+    """uvicorn's server, marking the worker not ready the moment it is told to stop, and
+    letting just-accepted connections deliver their request before idle ones are closed.
+    """
+
+    # uvicorn's shutdown closes every connection without a request in progress at once,
+    # including one accepted a moment ago whose request bytes are still in the socket
+    # buffer: that client gets a reset for a request it sent correctly. Stop accepting
+    # first and give such connections this long to be read.
+    ACCEPTED_GRACE = 0.3
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         STATE.stopping = True
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        await asyncio.sleep(self.ACCEPTED_GRACE)
+        await super().shutdown(sockets=sockets)
 
 
 class UvicornWorker(_StockUvicornWorker):
