@@ -11,6 +11,13 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/dev.lock 2>/dev/null | sha2
 COMPOSE := docker compose
 PYTEST := $(BIN)/pytest
 
+# `make up BASE=local`: build on the Debian-built base images (no registry needed).
+LOCAL_BASE := PYTHON_IMAGE=localbase/python:trixie NGINX_IMAGE=localbase/nginx:trixie \
+	PROMETHEUS_IMAGE=localbase/prometheus:trixie NGINX_EXPORTER_IMAGE=localbase/nginx-exporter:trixie
+ifeq ($(BASE),local)
+COMPOSE := $(LOCAL_BASE) docker compose
+endif
+
 # Development server on loopback (make run).
 RUN_ENV := HOST=127.0.0.1 PORT=8000 METRICS_HOST=127.0.0.1 METRICS_PORT=9000 \
 	PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/.cache/prometheus-multiproc WORKER_TMP_DIR=/tmp \
@@ -24,7 +31,6 @@ help: ## List the targets
 
 $(STAMP): requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/dev.lock
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
@@ -49,11 +55,13 @@ fmt: install ## Format the code (ruff)
 	$(BIN)/ruff check --fix .
 
 .PHONY: lint
-lint: install ## Static checks: ruff, mypy, hadolint
+lint: install ## Static checks: ruff, mypy, hadolint, docker compose config
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/hadolint Dockerfile nginx/Dockerfile $(wildcard monitoring/*/Dockerfile loadtests/Dockerfile)
+	bash scripts/lint-dockerfiles.sh
+	bash scripts/ensure-compose.sh
+	$(COMPOSE) --profile monitoring --profile loadtest config --quiet
 
 # --- tests -----------------------------------------------------------------------------
 
@@ -73,9 +81,18 @@ test-e2e: install prerequisites ## End-to-end tests: the real compose stack in D
 	$(PYTEST) tests/e2e -q -m e2e
 
 .PHONY: prerequisites
-prerequisites: ## Docker Compose plugin and local base images (no registry needed)
+prerequisites: ## Compose plugin, local base images and the wheelhouse (no registry needed)
 	bash scripts/ensure-compose.sh
 	bash scripts/base-images.sh
+	bash scripts/wheelhouse.sh
+
+.PHONY: base-images
+base-images: ## Build localbase/*:trixie from Debian packages (cached by recipe hash)
+	bash scripts/base-images.sh
+
+.PHONY: wheelhouse
+wheelhouse: ## Download the app's locked wheels to .cache/wheelhouse (image builds use them)
+	bash scripts/wheelhouse.sh
 
 # --- the stack -------------------------------------------------------------------------
 
