@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# ┌──────────────────────────────────────────────────────────────────────────┐
+# │ nginx/check.sh: `nginx -t` in the real image, the way production runs it │
+# └──────────────────────────────────────────────────────────────────────────┘
+# Builds nginx/Dockerfile and runs its entrypoint + `nginx -t` as uid 101 with a
+# read-only root filesystem, a /tmp tmpfs, no capabilities and no network (the
+# upstream name `app` is pinned to loopback). The entrypoint makes a throw-away
+# self-signed certificate in /tmp. Then checks that settings are rendered
+# (non-default values) and that a bad value is refused with a clear message.
+#   NGINX_IMAGE=localbase/nginx:trixie nginx/check.sh     # build on a local base
+#   nginx/check.sh --no-build [IMAGE]                      # test an existing image
+# https://nginx.org/en/docs/switches.html
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+base=${NGINX_IMAGE:-nginx:1.27}
+image=${NGINX_CHECK_TAG:-nginx-check:local}
+build=1
+if [[ ${1:-} == --no-build ]]; then
+    build=0
+    image=${2:-$image}
+fi
+
+say() { printf '[nginx/check] %s\n' "$*" >&2; }
+fail() { say "FAIL: $*"; exit 1; }
+
+if [[ $build == 1 ]]; then
+    say "building $image from NGINX_IMAGE=$base"
+    docker build --quiet -f "$root/nginx/Dockerfile" --build-arg "NGINX_IMAGE=$base" \
+        -t "$image" "$root" >/dev/null
+fi
+
+# run ENV... -- CMD...: the image as compose runs it, minus the network.
+run() {
+    local -a env=()
+    while [[ $1 != -- ]]; do env+=(-e "$1"); shift; done
+    shift
+    docker run --rm --read-only --tmpfs /tmp --cap-drop ALL \
+        --security-opt no-new-privileges --network none --add-host app:127.0.0.1 \
+        -e TLS_CERT=/tmp/check/fullchain.pem -e TLS_KEY=/tmp/check/privkey.pem \
+        "${env[@]}" "$image" "$@"
+}
+
+say "nginx -t with the defaults"
+run -- nginx -t -q || fail "nginx -t failed with the default settings"
+
+say "nginx -T with every setting changed"
+out=$(run SERVER_NAMES='example.com www.example.com 10.0.0.5' APP_UPSTREAM=127.0.0.1:9001 \
+    RATE_LIMIT=600r/m RATE_LIMIT_BURST=0 RATE_LIMIT_ALLOWLIST='10.0.0.0/8, 192.168.1.7' \
+    CLIENT_MAX_BODY_SIZE=10m HTTPS_REDIRECT_PORT=8443 -- nginx -T -q 2>&1) \
+    || fail "nginx -T failed with non-default settings:"$'\n'"$out"
+# shellcheck disable=SC2016  # nginx variables, literally
+for want in 'server_name example.com www.example.com 10.0.0.5;' 'server 127.0.0.1:9001;' \
+    'rate=600r/m;' 'limit_req zone=per_client;' '10.0.0.0/8 1;' '192.168.1.7 1;' \
+    'client_max_body_size 10m;' 'return 308 https://$host:8443$request_uri;'; do
+    grep -qF -- "$want" <<<"$out" || fail "the rendered config lacks '$want'"
+done
+
+say "a bad setting is refused, naming the variable"
+if out=$(run RATE_LIMIT='20r/s; evil' -- nginx -t 2>&1); then
+    fail "RATE_LIMIT='20r/s; evil' was accepted"
+fi
+grep -q 'RATE_LIMIT=' <<<"$out" || fail "the refusal does not name RATE_LIMIT: $out"
+
+say "ok ($image)"
