@@ -66,7 +66,7 @@ lint: install ## Static checks: ruff, mypy, hadolint, docker compose config
 # --- tests -----------------------------------------------------------------------------
 
 .PHONY: test
-test: lint test-unit test-integration test-e2e ## Everything: lint, unit, integration, e2e
+test: lint test-unit test-integration test-static test-e2e ## Everything: lint, unit, integration, static, e2e
 
 .PHONY: test-unit
 test-unit: install ## Unit tests (seconds, in-process)
@@ -75,6 +75,13 @@ test-unit: install ## Unit tests (seconds, in-process)
 .PHONY: test-integration
 test-integration: install ## Integration tests: real gunicorn + uvicorn workers on loopback
 	$(PYTEST) tests/integration -q -m integration
+
+.PHONY: test-static
+test-static: install ## Config checks in the real tools: nginx -t, promtool (config, rules, rule tests, dashboard queries)
+	bash scripts/ensure-compose.sh
+	bash scripts/base-images.sh nginx prometheus
+	NGINX_IMAGE=localbase/nginx:trixie bash nginx/check.sh
+	$(PYTEST) tests/monitoring -q
 
 .PHONY: test-e2e
 test-e2e: install prerequisites ## End-to-end tests: the real compose stack in Docker
@@ -100,9 +107,13 @@ wheelhouse: ## Download the app's locked wheels to .cache/wheelhouse (image buil
 up: ## Build and start the stack, wait until healthy (https://localhost)
 	$(COMPOSE) up --build --detach --wait
 
+.PHONY: up-monitoring
+up-monitoring: ## The stack plus Prometheus, the nginx exporter and Grafana (ports on 127.0.0.1)
+	$(COMPOSE) --profile monitoring up --build --detach --wait
+
 .PHONY: down
 down: ## Stop and remove the stack's containers (volumes are kept)
-	$(COMPOSE) down --remove-orphans
+	$(COMPOSE) --profile monitoring --profile loadtest down --remove-orphans
 
 .PHONY: logs
 logs: ## Follow the logs of every service
