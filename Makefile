@@ -107,6 +107,24 @@ wheelhouse: ## Download the app's locked wheels to .cache/wheelhouse (image buil
 up: ## Build and start the stack, wait until healthy (https://localhost)
 	$(COMPOSE) up --build --detach --wait
 
+# --- capacity ------------------------------------------------------------------------------
+
+.PHONY: loadtest
+loadtest: install ## Load test the running stack through nginx (HTTPS); pass/fail on loadtests/slo.toml
+	$(BIN)/python -m loadtests
+
+.PHONY: loadtest-docker
+loadtest-docker: ## The same from Locust containers (LOADTEST_WORKERS=N); reports into loadtests/reports
+	bash loadtests/wheelhouse.sh
+	rc=0; $(COMPOSE) --profile loadtest up --build -d locust-master locust-worker \
+	  && $(COMPOSE) --profile loadtest wait locust-master || rc=$$?; \
+	$(COMPOSE) --profile loadtest logs --no-log-prefix locust-master; \
+	$(COMPOSE) --profile loadtest cp locust-master:/loadtest/loadtests/reports/. loadtests/reports/; exit $$rc
+
+.PHONY: bench
+bench: install ## Benchmark (not a test): bare uvicorn vs gunicorn + serving layer vs nginx TLS, side by side
+	$(BIN)/python -m loadtests.bench $(ARGS)
+
 .PHONY: up-monitoring
 up-monitoring: ## The stack plus Prometheus, the nginx exporter and Grafana (ports on 127.0.0.1)
 	$(COMPOSE) --profile monitoring up --build --detach --wait

@@ -52,8 +52,8 @@ class Settings(BaseSettings):
     # Idle keep-alive of the app's connections; outlives nginx's upstream keepalive_timeout.
     keepalive_timeout: Seconds = Field(75, alias="KEEPALIVE_TIMEOUT")
     # Recycle a worker after this many requests (0 disables), spread by the jitter.
-    max_requests: int = Field(10000, ge=0, alias="MAX_REQUESTS")
-    max_requests_jitter: int = Field(1000, ge=0, alias="MAX_REQUESTS_JITTER")
+    max_requests: int = Field(100_000, ge=0, alias="MAX_REQUESTS")
+    max_requests_jitter: int = Field(10_000, ge=0, alias="MAX_REQUESTS_JITTER")
     worker_tmp_dir: Path = Field(Path("/dev/shm"), alias="WORKER_TMP_DIR")  # noqa: S108 - tmpfs
 
     # Logging.

@@ -324,6 +324,12 @@ class StackFactory:
         env = dict(self.base_env)
         env.update({var: str(port) for var, port in ports.items()})
         env["BACKEND_SUBNET"] = free_subnet()
+        env["EDGE_SUBNET"] = free_subnet()
+        while env["EDGE_SUBNET"] == env["BACKEND_SUBNET"]:
+            env["EDGE_SUBNET"] = free_subnet()
+        # From the host, requests reach nginx from the edge network's gateway, which the
+        # default allow-list exempts: list loopback only, so the limiter can be observed.
+        env.setdefault("RATE_LIMIT_ALLOWLIST", "127.0.0.1/32")
         env.update(extra)
         project = f"e2e-{self.run_id}-{name}"
         return Stack(
