@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,8 +113,20 @@ def locust_command(
             "60",
         ]
     else:
-        cmd += ["--processes", str(run.processes)]
+        # The forked workers reach their master over loopback on a free port: the default
+        # (every interface, 5557) collides with any other run on the host and needlessly
+        # listens beyond it.
+        port = _free_port()
+        cmd += ["--processes", str(run.processes), "--master-bind-host", "127.0.0.1"]
+        cmd += ["--master-bind-port", str(port), "--master-host", "127.0.0.1"]
+        cmd += ["--master-port", str(port)]
     return cmd
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _run_bounded(cmd: list[str], log_path: Path, timeout_s: int) -> int | None:

@@ -15,7 +15,7 @@ import orjson
 import structlog
 
 from server import request_id
-from server.logs import get_logger, log_access
+from server.logs import flush_access_lines, get_logger, log_access
 from server.metrics import UNMATCHED_ROUTE, HttpMetrics
 
 if TYPE_CHECKING:
@@ -118,6 +118,7 @@ class ObservabilityMiddleware:
         async def flush_then_send(message: Message) -> None:
             if message["type"].startswith("lifespan.shutdown."):
                 metrics.flush()
+                flush_access_lines()
             await send(message)
 
         await self.app(scope, receive, flush_then_send)

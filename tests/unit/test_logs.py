@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -88,3 +89,42 @@ def test_console_format_is_for_humans() -> None:
     assert "order created" in text
     assert "Traceback" in text or "ValueError" in text
     assert not text.lstrip().startswith("{")
+
+
+BATCH = textwrap.dedent(
+    """
+    import asyncio, structlog
+    from server.logs import configure_logging, log_access
+
+    configure_logging("info", "json")
+
+    async def main():
+        for i in range(300):  # one turn of the loop: the lines go out in batches
+            structlog.contextvars.bind_contextvars(request_id=f"r{i}")
+            log_access({"method": "GET", "path": "/x" * 20, "status": 200, "n": i})
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    log_access({"method": "GET", "path": "/after-loop", "status": 204, "n": 300})
+    """
+)
+
+
+def test_access_lines_are_batched_as_whole_lines() -> None:
+    traced = subprocess.run(
+        ["strace", "-f", "-e", "trace=write", "-o", "/dev/stderr", sys.executable, "-c", BATCH]
+        if shutil.which("strace")
+        else [sys.executable, "-c", BATCH],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    records = [orjson.loads(line) for line in traced.stdout.splitlines()]
+    assert [r["n"] for r in records] == list(range(301))
+    assert [r["request_id"] for r in records[:300]] == [f"r{i}" for i in range(300)]
+    if shutil.which("strace"):
+        writes = [line for line in traced.stderr.decode().splitlines() if "write(1," in line]
+        assert len(writes) < 100  # batched: far fewer writes than lines
+        sizes = [int(line.rsplit("=", 1)[1]) for line in writes]
+        assert max(sizes) <= 4096  # each write stays atomic on a pipe

@@ -41,3 +41,23 @@ def test_missing_id_is_generated_and_unique() -> None:
     assert len(ids) == 1000
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
     assert is_valid(generate().encode())
+
+
+def test_forked_workers_do_not_repeat_each_others_ids() -> None:
+    import os
+
+    read_end, write_end = os.pipe()
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # the child: one id, then out without running pytest's teardown
+            os.write(write_end, generate().encode() + b"\n")
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        ids = pipe.read().split()
+    assert len(ids) == 2
+    assert ids[0] != ids[1]
