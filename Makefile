@@ -21,7 +21,7 @@ endif
 # Development server on loopback (make run).
 RUN_ENV := HOST=127.0.0.1 PORT=8000 METRICS_HOST=127.0.0.1 METRICS_PORT=9000 \
 	PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/.cache/prometheus-multiproc WORKER_TMP_DIR=/tmp \
-	LOG_FORMAT=console
+	LOG_FORMAT=$${LOG_FORMAT:-console}
 
 .PHONY: help
 help: ## List the targets
@@ -47,7 +47,7 @@ lock: ## Re-resolve requirements/*.in into the hash-pinned lock files
 
 .PHONY: run
 run: install ## Run the serving layer on 127.0.0.1:8000 (metrics on :9000), console logs
-	$(RUN_ENV) $(BIN)/gunicorn -c server/gunicorn_conf.py
+	$(RUN_ENV) $(BIN)/python -m server
 
 .PHONY: fmt
 fmt: install ## Format the code (ruff)

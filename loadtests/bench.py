@@ -171,11 +171,13 @@ class Server:
                 self.process.wait(timeout=10)
 
 
-def start(name: str, argv: list[str], env: dict[str, str], log: Path) -> Server:
+def start(
+    name: str, argv: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT
+) -> Server:
     with log.open("wb") as out:
         process = subprocess.Popen(
             ["taskset", "-c", SERVER_CPU, *argv],
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -253,9 +255,16 @@ def parse_wrk(output: str) -> tuple[float, float, float, int, int]:
     return rps, p50, p99, requests, errors
 
 
-def wrk(url: str, seconds: int, lua: Path, parts: dict[str, list[int]]) -> Run:
+def wrk(
+    url: str,
+    seconds: int,
+    lua: Path,
+    parts: dict[str, list[int]],
+    headers: tuple[str, ...] = (),
+) -> Run:
     """One bounded wrk run pinned to the client core; CPU of both sides measured (the
     server side by process group, e.g. nginx and gunicorn)."""
+    extra = [arg for header in headers for arg in ("-H", header)]
     argv = [
         "taskset",
         "-c",
@@ -267,6 +276,7 @@ def wrk(url: str, seconds: int, lua: Path, parts: dict[str, list[int]]) -> Run:
         "--latency",
         "-H",
         "Host: localhost",
+        *extra,
         "-s",
         str(lua),
         url,
@@ -331,10 +341,12 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def prepare_nginx(work: Path, upstream_port: int) -> tuple[Path, int, list[str]]:
+def prepare_nginx(work: Path, upstream: str) -> tuple[Path, int, list[str]]:
     """nginx/conf rendered for a host nginx: paths under `work`, free ports, one worker.
 
-    The same settings files the container's entrypoint writes; notes list what differs.
+    `upstream` is what follows `server` in the upstream block: `127.0.0.1:<port>` or
+    `unix:<path>`. The same settings files the container's entrypoint writes; notes list
+    what differs.
     """
     notes: list[str] = []
     conf = work / "conf"
@@ -368,7 +380,7 @@ def prepare_nginx(work: Path, upstream_port: int) -> tuple[Path, int, list[str]]
     notes.append("gunicorn: 1 worker, MAX_REQUESTS=0 (no recycling during the run)")
     settings = {
         "server-names.conf": "server_name localhost 127.0.0.1;\n",
-        "upstream-server.conf": f"server 127.0.0.1:{upstream_port};\n",
+        "upstream-server.conf": f"server {upstream};\n",
         "client-max-body-size.conf": "client_max_body_size 1m;\n",
         "tls-certificate.conf": f"ssl_certificate {cert};\nssl_certificate_key {key};\n",
         "rate-limit-zone.conf": "limit_req_zone $rate_limit_key zone=per_client:10m rate=20r/s;\n",
