@@ -11,8 +11,19 @@ budget and the generator never competes with the server. All on loopback.
     gunicorn        gunicorn -c server/gunicorn_conf.py, 1 worker: our worker class,
                     request-id/access-log/metrics middleware, JSON logs
     gunicorn, no access log   the same with LOG_LEVEL=warning: what the access line costs
-    nginx TLS -> gunicorn     nginx (the repo's nginx/conf, rendered for the host) in front
-                    of that gunicorn, HTTPS with keep-alive; nginx shares the server core
+    nginx TLS -> gunicorn (TCP keep-alive)   nginx (the repo's nginx/conf, rendered for
+                    the host) in front of that gunicorn, HTTPS with keep-alive; nginx shares
+                    the server core; upstream `server 127.0.0.1:<port>` as in compose
+    nginx TLS -> gunicorn (unix socket)   the same nginx config, upstream
+                    `server unix:<tmp>/sock/gunicorn.sock` (keep-alive still on): the same
+                    gunicorn also binds that socket (`--bind` twice on its command line
+                    replaces the config file's list, so the TCP bind is given again). uvicorn
+                    sees a unix-socket peer as client None, which only FORWARDED_ALLOW_IPS="*"
+                    trusts, so both gunicorns run with "*"
+
+`--trees DIR...` instead compares the ceiling with "gunicorn + serving layer, 1 worker" of
+each checkout (git worktrees of older commits: cwd and PYTHONPATH = the tree, this venv),
+each without and with an `X-Request-ID` header, into loadtests/reports/bench-commits-*.md.
 
 Each run is bounded: BENCH_SECONDS (default 10) of wrk after a 2 s warm-up, a request cap
 (a wrk Lua script stops at BENCH_MAX_REQUESTS) and a hard timeout. Rounds are interleaved
@@ -29,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import re
 import resource
@@ -171,9 +183,7 @@ class Server:
                 self.process.wait(timeout=10)
 
 
-def start(
-    name: str, argv: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT
-) -> Server:
+def start(name: str, argv: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> Server:
     with log.open("wb") as out:
         process = subprocess.Popen(
             ["taskset", "-c", SERVER_CPU, *argv],
@@ -408,6 +418,9 @@ def prepare_nginx(work: Path, upstream: str) -> tuple[Path, int, list[str]]:
 # --- the benchmark -----------------------------------------------------------------------
 
 
+REQUEST_ID = "X-Request-ID: bench-0123456789abcdef"  # well-formed: accepted, not generated
+
+
 @dataclass
 class Config:
     name: str
@@ -415,6 +428,9 @@ class Config:
     server: Server
     runs: list[Run] = field(default_factory=list)
     upstream: Server | None = None  # the gunicorn behind nginx: its CPU counts too
+    headers: tuple[str, ...] = ()  # sent by wrk besides Host
+    role: str = ""  # ceiling | gunicorn | no-log | nginx | nginx-unix | tree (for the summary)
+    cafile: Path | None = None  # https: the self-signed certificate to trust
 
     def parts(self) -> dict[str, list[int]]:
         if self.upstream is None:
@@ -424,14 +440,20 @@ class Config:
     def median(self, attr: str) -> float:
         return float(statistics.median(getattr(r, attr) for r in self.runs))
 
+    @property
+    def us_per_request(self) -> float:
+        """Server CPU per request, µs (all of the server side's processes)."""
+        eff = self.median("per_cpu_second")
+        return 1e6 / eff if eff else 0.0
 
-def server_env(work: Path, **extra: str) -> dict[str, str]:
+
+def server_env(work: Path, root: Path = ROOT, **extra: str) -> dict[str, str]:
     multiproc = work / "metrics" / str(len(list(work.glob("metrics/*"))))
     multiproc.mkdir(parents=True)
     return {
         **os.environ,
         "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(root),
         "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
         "WORKER_TMP_DIR": str(work),
         "LOG_FORMAT": "json",
@@ -439,132 +461,284 @@ def server_env(work: Path, **extra: str) -> dict[str, str]:
     }
 
 
+UVICORN = [
+    str(VENV_BIN / "uvicorn"),
+    "--loop",
+    "uvloop",
+    "--http",
+    "httptools",
+    "--no-access-log",
+    "--log-level",
+    "warning",
+    "--host",
+    "127.0.0.1",
+]
+
+
+def gunicorn_env(work: Path, port: int, root: Path = ROOT, **extra: str) -> dict[str, str]:
+    """One worker, no recycling, metrics on a free loopback port."""
+    return server_env(
+        work,
+        root,
+        HOST="127.0.0.1",
+        PORT=str(port),
+        METRICS_HOST="127.0.0.1",
+        METRICS_PORT=str(free_port()),
+        WEB_CONCURRENCY="1",
+        # A worker restart (app import) every 10k requests would dominate a 10 s run.
+        MAX_REQUESTS="0",
+        **extra,
+    )
+
+
+def _wait_all(configs: list[Config]) -> None:
+    for config in configs:
+        context = None
+        if config.url.startswith("https"):
+            context = ssl.create_default_context(cafile=str(config.cafile))
+        wait_ready(config.server, config.url, context)
+
+
+def _start_nginx(work: Path, name: str, upstream: str) -> tuple[Server, int, Path, list[str]]:
+    conf, https_port, notes = prepare_nginx(work, upstream)
+    nginx = start(
+        name,
+        ["nginx", "-e", "stderr", "-p", str(work), "-c", str(conf), "-g", "daemon off;"],
+        dict(os.environ),
+        work.parent / f"{work.name}.log",
+    )
+    return nginx, https_port, work / "cert.pem", notes
+
+
 def start_all(work: Path, configs: list[Config]) -> list[str]:
     """Start every server (appending to `configs` as it goes, for the caller's cleanup)."""
-    uvicorn = [
-        str(VENV_BIN / "uvicorn"),
-        "--loop",
-        "uvloop",
-        "--http",
-        "httptools",
-        "--no-access-log",
-        "--log-level",
-        "warning",
-        "--host",
-        "127.0.0.1",
-    ]
 
-    def add(name: str, argv: list[str], env: dict[str, str], url: str) -> Server:
+    def add(name: str, argv: list[str], env: dict[str, str], url: str, role: str) -> Server:
         server = start(name, argv, env, work / f"{len(configs)}.log")
-        configs.append(Config(name, url, server))
+        configs.append(Config(name, url, server, role=role))
         return server
 
     port = free_port()
     add(
         "raw ASGI (uvicorn, info)",
-        [*uvicorn, "--port", str(port), "loadtests.bench_app:app"],
+        [*UVICORN, "--port", str(port), "loadtests.bench_app:app"],
         server_env(work),
         f"http://127.0.0.1:{port}/api/hello",
+        "raw",
     )
     port = free_port()
     add(
         "ceiling: bare uvicorn + app.main",
-        [*uvicorn, "--port", str(port), "app.main:app"],
+        [*UVICORN, "--port", str(port), "app.main:app"],
         server_env(work),
         f"http://127.0.0.1:{port}/api/hello",
+        "ceiling",
     )
+    # The gunicorn behind nginx also listens on a unix socket (nginx workers run as nobody:
+    # the socket's directory must be reachable). The TCP bind stays: health checks and the
+    # direct runs use it. gunicorn's --bind on the command line replaces the config file's
+    # list, so both are given here.
+    sock_dir = work / "sock"
+    sock_dir.mkdir()
+    sock_dir.chmod(0o777)
+    work.chmod(0o711)
+    sock = sock_dir / "gunicorn.sock"
     gunicorn = [str(VENV_BIN / "gunicorn"), "-c", "server/gunicorn_conf.py"]
-    for label, level in (
-        ("gunicorn + serving layer", "info"),
-        ("gunicorn, access log off", "warning"),
+    upstream_port = 0
+    for label, level, role in (
+        ("gunicorn + serving layer", "info", "gunicorn"),
+        ("gunicorn, access log off", "warning", "no-log"),
     ):
         port = free_port()
-        env = server_env(
-            work,
-            HOST="127.0.0.1",
-            PORT=str(port),
-            METRICS_HOST="127.0.0.1",
-            METRICS_PORT=str(free_port()),
-            WEB_CONCURRENCY="1",
-            LOG_LEVEL=level,
-            # A worker restart (app import) every 10k requests would dominate a 10 s run.
-            MAX_REQUESTS="0",
-        )
-        add(label, gunicorn, env, f"http://127.0.0.1:{port}/api/hello")
-    upstream = int(configs[2].url.split(":")[2].split("/")[0])
-    conf, https_port, notes = prepare_nginx(work / "nginx", upstream)
-    nginx = start(
-        "nginx",
-        [
-            "nginx",
-            "-e",
-            "stderr",
-            "-p",
-            str(conf.parent.parent),
-            "-c",
-            str(conf),
-            "-g",
-            "daemon off;",
-        ],
-        dict(os.environ),
-        work / "nginx.log",
+        argv = gunicorn
+        if role == "gunicorn":
+            upstream_port = port
+            argv = [*gunicorn, "--bind", f"127.0.0.1:{port}", "--bind", f"unix:{sock}"]
+        # "*": uvicorn sees a unix-socket peer as client None, which no IP/CIDR (nor a
+        # "unix:" literal) matches; the same value on both so they do the same work.
+        env = gunicorn_env(work, port, LOG_LEVEL=level, FORWARDED_ALLOW_IPS="*")
+        add(label, argv, env, f"http://127.0.0.1:{port}/api/hello", role)
+    upstream = configs[2].server
+    notes: list[str] = []
+    for name, role, target in (
+        ("nginx TLS -> gunicorn (TCP keep-alive)", "nginx", f"127.0.0.1:{upstream_port}"),
+        ("nginx TLS -> gunicorn (unix socket)", "nginx-unix", f"unix:{sock}"),
+    ):
+        nginx, https_port, cafile, more = _start_nginx(work / role, name, target)
+        notes += [n for n in more if n not in notes]
+        url = f"https://localhost:{https_port}/api/hello"
+        configs.append(Config(name, url, nginx, upstream=upstream, role=role, cafile=cafile))
+    notes.append(
+        "gunicorn + serving layer binds 127.0.0.1:<port> and a unix socket; "
+        "FORWARDED_ALLOW_IPS=* on both gunicorns"
     )
-    url = f"https://localhost:{https_port}/api/hello"
-    configs.append(Config("nginx TLS -> gunicorn", url, nginx, upstream=configs[2].server))
-    context = ssl.create_default_context(cafile=str(work / "nginx" / "cert.pem"))
-    for config in configs:
-        wait_ready(config.server, config.url, context if config.url.startswith("https") else None)
+    _wait_all(configs)
     return notes
 
 
-def render(configs: list[Config], notes: list[str], profile: str) -> str:
-    ceiling = configs[1]
-    c_rps, c_p50, c_p99 = ceiling.median("rps"), ceiling.median("p50_ms"), ceiling.median("p99_ms")
-    c_eff = ceiling.median("per_cpu_second")
+def _short_sha(tree: Path) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    return done.stdout.strip() or tree.name
+
+
+def start_trees(work: Path, configs: list[Config], trees: list[Path]) -> list[str]:
+    """The ceiling, then "gunicorn + serving layer, 1 worker" of each tree (e.g. a git
+    worktree of an older commit: its server/ and app/, this venv), each without and with
+    an X-Request-ID header (behind nginx the header is always there)."""
+    port = free_port()
+    ceiling = start(
+        "ceiling",
+        [*UVICORN, "--port", str(port), "app.main:app"],
+        server_env(work),
+        work / "ceiling.log",
+    )
+    url = f"http://127.0.0.1:{port}/api/hello"
+    configs.append(Config("ceiling: bare uvicorn + app.main", url, ceiling, role="ceiling"))
+    configs.append(
+        Config("ceiling + X-Request-ID", url, ceiling, headers=(REQUEST_ID,), role="ceiling")
+    )
+    for tree in trees:
+        sha = _short_sha(tree)
+        port = free_port()
+        server = start(
+            f"gunicorn @{sha}",
+            # `gunicorn -c`: the oldest commits have no `python -m server`.
+            [str(VENV_BIN / "gunicorn"), "-c", "server/gunicorn_conf.py"],
+            gunicorn_env(work, port, tree, LOG_LEVEL="info"),
+            work / f"{sha}.log",
+            cwd=tree,
+        )
+        url = f"http://127.0.0.1:{port}/api/hello"
+        configs.append(Config(f"gunicorn @{sha}", url, server, role="tree"))
+        configs.append(
+            Config(
+                f"gunicorn @{sha} + X-Request-ID",
+                url,
+                server,
+                headers=(REQUEST_ID,),
+                role="tree",
+            )
+        )
+    _wait_all(configs)
+    return [
+        "each tree: gunicorn -c server/gunicorn_conf.py with cwd and PYTHONPATH = the tree "
+        "(its server/ and app/), this venv; 1 worker, MAX_REQUESTS=0, LOG_LEVEL=info",
+        "the ceiling serves this checkout's app.main",
+        f"`+ X-Request-ID`: wrk sends `{REQUEST_ID}` (well-formed: accepted, not generated); "
+        "ratios of those rows are to the ceiling with the same header",
+    ]
+
+
+def _ceiling_for(config: Config, configs: list[Config]) -> Config:
+    ceilings = [c for c in configs if c.role == "ceiling"]
+    same = [c for c in ceilings if c.headers == config.headers]
+    return (same or ceilings)[0]
+
+
+def _table(configs: list[Config]) -> list[str]:
     lines = [
-        f"# Benchmark {datetime.now(UTC):%Y-%m-%d %H:%M UTC}: GET /api/hello",
-        "",
-        f"Server side pinned to CPU {SERVER_CPU}, wrk (1 thread, {CONNECTIONS} keep-alive "
-        f"connections) to CPU {CLIENT_CPU}; {SECONDS} s per run after {WARMUP_SECONDS} s warm-up; "
-        f"median of {len(ceiling.runs)} interleaved round(s). Ratios are to the ceiling. "
-        f"Host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end.",
-        "",
-        "| configuration | req/s | ÷ ceiling | req per server CPU-s | ÷ ceiling | p50 ms "
-        "| x ceiling | p99 ms | x ceiling | server CPU | wrk CPU | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | req/s | ÷ ceiling | req per server CPU-s | ÷ ceiling "
+        "| server CPU µs/req | p50 ms | x ceiling | p99 ms | x ceiling | server CPU "
+        "| wrk CPU | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for config in configs:
+        ceiling = _ceiling_for(config, configs)
+        c_rps, c_eff = ceiling.median("rps"), ceiling.median("per_cpu_second")
+        c_p50, c_p99 = ceiling.median("p50_ms"), ceiling.median("p99_ms")
         rps, p50, p99 = config.median("rps"), config.median("p50_ms"), config.median("p99_ms")
         eff = config.median("per_cpu_second")
         capped = " (request cap hit)" if any(r.capped for r in config.runs) else ""
         lines.append(
             f"| {config.name}{capped} | {rps:,.0f} | {rps / c_rps:.0%} | {eff:,.0f} "
-            f"| {eff / c_eff:.0%} | {p50:.2f} | {p50 / c_p50:.2f} | {p99:.2f} | {p99 / c_p99:.2f} "
+            f"| {eff / c_eff:.0%} | {config.us_per_request:.0f} "
+            f"| {p50:.2f} | {p50 / c_p50:.2f} | {p99:.2f} | {p99 / c_p99:.2f} "
             f"| {config.median('server_cpu'):.0%} | {config.median('client_cpu'):.0%} "
             f"| {sum(r.errors for r in config.runs)} |"
         )
-    full, gunicorn, no_log = configs[4], configs[2], configs[3]
+    return lines
+
+
+def _header(configs: list[Config], title: str) -> list[str]:
+    rounds = max(len(c.runs) for c in configs)
+    load = os.getloadavg()
+    return [
+        f"# {title} {datetime.now(UTC):%Y-%m-%d %H:%M UTC}: GET /api/hello",
+        "",
+        f"Server side pinned to CPU {SERVER_CPU}, wrk (1 thread, {CONNECTIONS} keep-alive "
+        f"connections) to CPU {CLIENT_CPU}; {SECONDS} s per run after {WARMUP_SECONDS} s warm-up; "
+        f"median of {rounds} interleaved round(s). Ratios are to the ceiling. "
+        f"Host: {os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} / "
+        f"{load[2]:.1f} (1/5/15 min) at the end.",
+        "",
+    ]
+
+
+def _rounds(configs: list[Config]) -> str:
+    return "Per round, req/s (req per server CPU-s): " + "; ".join(
+        f"{c.name}: " + ", ".join(f"{r.rps:,.0f} ({r.per_cpu_second:,.0f})" for r in c.runs)
+        for c in configs
+    )
+
+
+SERVER_CPU_NOTE = (
+    "- server CPU: share of one core the server's processes used during the run. A server "
+    "that is the bottleneck uses ~100 %; less means other load on the host took the core "
+    "(a shared machine), and req/s understates capacity. Requests per server CPU-second "
+    "does not depend on that: compare configurations by it when server CPU is low."
+)
+
+
+def render_trees(configs: list[Config], notes: list[str]) -> str:
+    lines = [*_header(configs, "Benchmark by commit"), *_table(configs), ""]
+    for headers in ((), (REQUEST_ID,)):
+        trees = [c for c in configs if c.role == "tree" and c.headers == headers]
+        for before, after in itertools.pairwise(trees):
+            ceiling = _ceiling_for(after, configs)
+            c_eff = ceiling.median("per_cpu_second")
+            gain = (after.median("per_cpu_second") - before.median("per_cpu_second")) / c_eff
+            lines.append(
+                f"- {before.name} -> {after.name}: {gain:+.0%} of the ceiling per CPU-second, "
+                f"{after.us_per_request - before.us_per_request:+.0f} µs of server CPU "
+                f"per request ({before.us_per_request:.0f} -> {after.us_per_request:.0f}; "
+                f"ceiling {ceiling.us_per_request:.0f})"
+            )
+    lines += ["", _rounds(configs), "", *[f"- {note}" for note in notes], SERVER_CPU_NOTE]
+    return "\n".join(lines) + "\n"
+
+
+def render(configs: list[Config], notes: list[str], profile: str) -> str:
+    by_role = {c.role: c for c in configs}
+    ceiling = by_role["ceiling"]
+    c_rps, c_p99 = ceiling.median("rps"), ceiling.median("p99_ms")
+    c_eff = ceiling.median("per_cpu_second")
+    full, gunicorn, no_log = by_role["nginx"], by_role["gunicorn"], by_role["no-log"]
+    lines = [*_header(configs, "Benchmark"), *_table(configs)]
     lines += [
         "",
-        "Targets: full stack ≥ 70 % of the ceiling's req/s, p99 ≤ 2 x the ceiling's. Measured: "
+        "Targets: full stack ≥ 70 % of the ceiling's req/s, p99 ≤ 2 x the ceiling's. Measured "
+        "(nginx TLS -> gunicorn over TCP, as in compose): "
         f"req/s **{full.median('rps') / c_rps:.0%}** (per server CPU-second "
         f"**{full.median('per_cpu_second') / c_eff:.0%}**), p99 "
         f"**{full.median('p99_ms') / c_p99:.2f} x**. Access line (gunicorn with vs without): "
         f"**{1 - gunicorn.median('per_cpu_second') / no_log.median('per_cpu_second'):.0%}** "
         "of the CPU-normalised throughput.",
-        "",
-        "Per round, req/s (req per server CPU-s): "
-        + "; ".join(
-            f"{c.name}: " + ", ".join(f"{r.rps:,.0f} ({r.per_cpu_second:,.0f})" for r in c.runs)
-            for c in configs
-        ),
-        "",
-        *[f"- {note}" for note in notes],
-        "- server CPU: share of one core the server's processes used during the run. A server "
-        "that is the bottleneck uses ~100 %; less means other load on the host took the core "
-        "(a shared machine), and req/s understates capacity. Requests per server CPU-second "
-        "does not depend on that: compare configurations by it when server CPU is low.",
     ]
+    if unix := by_role.get("nginx-unix"):
+        lines.append(
+            "Unix socket instead of TCP keep-alive between nginx and gunicorn: per server "
+            f"CPU-second **{unix.median('per_cpu_second') / c_eff:.0%}** vs "
+            f"{full.median('per_cpu_second') / c_eff:.0%} of the ceiling "
+            f"({unix.us_per_request - full.us_per_request:+.0f} µs per request), p99 "
+            f"{unix.median('p99_ms') / c_p99:.2f} x vs {full.median('p99_ms') / c_p99:.2f} x."
+        )
+    lines += ["", _rounds(configs), "", *[f"- {note}" for note in notes], SERVER_CPU_NOTE]
     for config in configs:
         if config.upstream is None:
             continue
@@ -572,12 +746,11 @@ def render(configs: list[Config], notes: list[str], profile: str) -> str:
             name: statistics.median(r.parts_cpu[name] / r.rps * 1e6 for r in config.runs if r.rps)
             for name in config.runs[0].parts_cpu
         }
-        alone = 1e6 / gunicorn.median("per_cpu_second")
         lines.append(
             f"- {config.name}: server CPU per request "
             + " + ".join(f"{name} {us:.0f} µs" for name, us in per_request.items())
-            + f" (gunicorn alone, without nginx: {alone:.0f} µs; the ceiling: "
-            f"{1e6 / c_eff:.0f} µs)"
+            + f" (gunicorn alone, without nginx: {gunicorn.us_per_request:.0f} µs; the ceiling: "
+            f"{ceiling.us_per_request:.0f} µs)"
         )
     if profile:
         lines += ["", profile]
@@ -717,6 +890,18 @@ def profile_worker(config: Config, lua: Path, work: Path) -> str:
     return analyse_profile(out.read_text())
 
 
+def _unusable(args: argparse.Namespace) -> str:
+    """Why these arguments cannot run here ("" if they can)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        return "needs two CPUs (server and load generator on different cores)"
+    if args.trees and (args.profile or args.profile_only):
+        return "--trees does not profile"
+    for tree in args.trees or []:
+        if not (tree / "server" / "gunicorn_conf.py").is_file():
+            return f"{tree} has no server/gunicorn_conf.py"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.bench",
@@ -727,37 +912,58 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile-only", action="store_true", help="only the profile, no benchmark rounds"
     )
+    parser.add_argument(
+        "--trees",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="instead: the ceiling vs `gunicorn + serving layer` of each checkout (e.g. git "
+        "worktrees of older commits), without and with an X-Request-ID header",
+    )
     args = parser.parse_args(argv)
     rounds = 0 if args.profile_only else ROUNDS
-    if len(os.sched_getaffinity(0)) < 2:
-        say("needs two CPUs (server and load generator on different cores)")
+    if problem := _unusable(args):
+        say(problem)
         return 2
     ensure_debian_packages({"wrk": "wrk", "nginx": "nginx", "taskset": "util-linux"})
     REPORTS.mkdir(exist_ok=True)
     # Metrics files, logs and nginx's temp files on tmpfs, like the containers' /tmp.
     shm = Path("/dev/shm")  # noqa: S108 - tmpfs, like the containers' /tmp
+    profile = ""
     with tempfile.TemporaryDirectory(prefix="bench-", dir=shm) as tmp:
         work = Path(tmp)
         lua = work / "cap.lua"
         lua.write_text(CAP_LUA)
+        lua.chmod(0o644)
         configs: list[Config] = []
         try:
-            notes = start_all(work, configs)
+            if args.trees:
+                notes = start_trees(work, configs, [t.resolve() for t in args.trees])
+            else:
+                notes = start_all(work, configs)
             for round_no in range(1, rounds + 1):
                 for config in configs:
                     say(f"round {round_no}/{rounds}: {config.name}")
-                    wrk(config.url, WARMUP_SECONDS, lua, config.parts())
-                    config.runs.append(wrk(config.url, SECONDS, lua, config.parts()))
-            want_profile = args.profile or args.profile_only
-            profile = profile_worker(configs[2], lua, work) if want_profile else ""
+                    wrk(config.url, WARMUP_SECONDS, lua, config.parts(), config.headers)
+                    config.runs.append(
+                        wrk(config.url, SECONDS, lua, config.parts(), config.headers)
+                    )
+            if args.profile or args.profile_only:
+                gunicorn = next(c for c in configs if c.role == "gunicorn")
+                profile = profile_worker(gunicorn, lua, work)
         finally:
             for config in reversed(configs):
                 config.server.stop()
     if args.profile_only:
         print(profile)
         return 0
-    report = render(configs, notes, profile)
-    path = REPORTS / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.md"
+    stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    if args.trees:
+        report = render_trees(configs, notes)
+        path = REPORTS / f"bench-commits-{stamp}.md"
+    else:
+        report = render(configs, notes, profile)
+        path = REPORTS / f"bench-{stamp}.md"
     path.write_text(report)
     print(report)
     say(f"written to {path}")

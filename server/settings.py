@@ -90,7 +90,7 @@ class Settings(BaseSettings):
         if not items:
             raise ValueError("must not be empty")
         for item in items:
-            if item == "*" or item.startswith("unix:"):
+            if item == "*":
                 continue
             try:
                 ipaddress.ip_network(item, strict=False)
