@@ -376,7 +376,7 @@ def prepare_nginx(work: Path, upstream: str) -> tuple[Path, int, list[str]]:
         text = re.sub(r"listen 8443\b", f"listen {https_port}", text)
         text = re.sub(r"listen 8080\b", f"listen {http_port}", text)
         text = re.sub(r"listen 8081\b", f"listen {status_port}", text)
-        text = text.replace("access_log /dev/stdout json;", f"access_log {work}/access.log json;")
+        text = text.replace("access_log /dev/stdout json", f"access_log {work}/access.log json")
         text = text.replace("worker_processes auto;", "worker_processes 1;")
         if old_nginx and "http2 on;" in text:
             text = text.replace("http2 on;", "")
