@@ -25,6 +25,11 @@ def main() -> None:
     except SettingsError as error:
         log_startup_error(str(error), logger="server.settings")
         sys.exit(EX_CONFIG)
+    # Empty means "derive from the CPU quota" to us (as in .env.example), but gunicorn
+    # evaluates int(WEB_CONCURRENCY) on import and would die on it: the config file sets
+    # the worker count anyway.
+    if not os.environ.get("WEB_CONCURRENCY", "unset").strip():
+        del os.environ["WEB_CONCURRENCY"]
     gunicorn = Path(sys.executable).with_name("gunicorn")
     os.execv(gunicorn, [str(gunicorn), "--config", str(CONFIG), *sys.argv[1:]])  # noqa: S606
 

@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 
+from server.cpu import worker_count
 from tests.integration.conftest import ROOT, Server, start_server
 
 if TYPE_CHECKING:
@@ -155,3 +156,21 @@ def _pids(server: Server) -> list[int]:
         for labels, _ in samples(server.metrics(), "process_cpu_seconds_total")
         if labels["role"] == "worker"
     ]
+
+
+def test_env_example_values_start_the_server(tmp_path: Path) -> None:
+    """`cp .env.example .env` must work: empty WEB_CONCURRENCY means auto, not a crash."""
+    example = (ROOT / ".env.example").read_text()
+    values = dict(
+        line.split("=", 1)
+        for line in example.splitlines()
+        if line and not line.startswith("#") and "=" in line
+    )
+    keep = {"WEB_CONCURRENCY", "LOG_LEVEL", "MAX_REQUESTS", "MAX_REQUESTS_JITTER", "BACKLOG"}
+    keep |= {"WORKER_TIMEOUT", "GRACEFUL_TIMEOUT", "SHUTDOWN_TIMEOUT", "KEEPALIVE_TIMEOUT"}
+    server = start_server(tmp_path, **{k: v for k, v in values.items() if k in keep})
+    try:
+        assert server.env["WEB_CONCURRENCY"] == ""
+        server.wait_ready(workers=worker_count(None))  # derived from this machine's CPUs
+    finally:
+        assert server.stop() == 0
