@@ -129,6 +129,11 @@ bench: install ## Benchmark (not a test): bare uvicorn vs gunicorn + serving lay
 up-monitoring: ## The stack plus Prometheus, the nginx exporter and Grafana (ports on 127.0.0.1)
 	$(COMPOSE) --profile monitoring up --build --detach --wait
 
+.PHONY: dashboard-preview
+dashboard-preview: ## Draw the dashboard's main panels from a live Prometheus into docs/dashboard.png
+	$(PYTHON) -m pip install --quiet --target .cache/preview matplotlib==3.11.2
+	PYTHONPATH=.cache/preview $(PYTHON) monitoring/preview.py
+
 .PHONY: down
 down: ## Stop and remove the stack's containers (volumes are kept)
 	$(COMPOSE) --profile monitoring --profile loadtest down --remove-orphans
