@@ -15,12 +15,13 @@
 # when requirements/runtime.lock or the target changes, so it never holds stale wheels.
 #
 # Usage: scripts/wheelhouse.sh [--clean]
-# Env:   WHEELHOUSE_PYTHON_VERSION (default 3.13), WHEELHOUSE_DIR (default .cache/wheelhouse)
+# Env:   WHEELHOUSE_PYTHON_VERSION (default 3.13), WHEELHOUSE_DIR (default .cache/wheelhouse),
+#        WHEELHOUSE_LOCK (default requirements/runtime.lock; loadtests/wheelhouse.sh passes its own)
 # Docs:  https://pip.pypa.io/en/stable/cli/pip_download/
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-LOCK=$ROOT/requirements/runtime.lock
+LOCK=${WHEELHOUSE_LOCK:-$ROOT/requirements/runtime.lock}
 PYVER=${WHEELHOUSE_PYTHON_VERSION:-3.13}
 DEST=${WHEELHOUSE_DIR:-$ROOT/.cache/wheelhouse}
 STAMP=$DEST.stamp   # beside the folder, so it is not in the build context
