@@ -18,13 +18,14 @@ Standard library only (the Locust image has nothing else).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+from loadtests.compose import ComposeLookupError, running_containers
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -209,26 +210,10 @@ class DockerExecSource:
         self.name = f"docker exec {project}/{service}"
 
     def containers(self) -> list[str]:
-        if shutil.which("docker") is None:
-            raise CrossCheckUnavailable("docker CLI not found")
-        result = subprocess.run(
-            [
-                "docker",
-                "ps",
-                "-q",
-                "--filter",
-                f"label=com.docker.compose.project={self.project}",
-                "--filter",
-                f"label=com.docker.compose.service={self.service}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=15,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise CrossCheckUnavailable(f"docker ps: {result.stderr.strip()}")
-        ids = result.stdout.split()
+        try:
+            ids = running_containers(self.project, self.service)
+        except ComposeLookupError as error:
+            raise CrossCheckUnavailable(str(error)) from None
         if not ids:
             raise CrossCheckUnavailable(
                 f"no running '{self.service}' container in compose project {self.project!r}"

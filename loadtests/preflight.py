@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
-import shutil
 import socket
 import ssl
 import subprocess
@@ -17,6 +16,8 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from loadtests.compose import ComposeLookupError, running_containers
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -140,25 +141,13 @@ def check_target(
 
 def copy_ca_from_compose(project: str, cert_path: str, dest: Path, service: str = "nginx") -> Path:
     """`docker cp` the certificate out of the project's running nginx container into `dest`."""
-    if shutil.which("docker") is None:
-        raise PreflightError("LOADTEST_CA_FILE is not set and the docker CLI is missing to copy it")
-    found = subprocess.run(
-        [
-            "docker",
-            "ps",
-            "-q",
-            "--filter",
-            f"label=com.docker.compose.project={project}",
-            "--filter",
-            f"label=com.docker.compose.service={service}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=15,
-        check=False,
-    )
-    ids = found.stdout.split()
-    if found.returncode != 0 or not ids:
+    try:
+        ids = running_containers(project, service)
+    except ComposeLookupError as error:
+        raise PreflightError(
+            f"LOADTEST_CA_FILE is not set and the certificate cannot be copied: {error}"
+        ) from None
+    if not ids:
         raise PreflightError(
             f"LOADTEST_CA_FILE is not set and no running {service!r} container of compose project "
             f"{project!r} to copy the certificate from "
