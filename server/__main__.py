@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 from server.logs import log_startup_error
-from server.settings import SettingsError, load_settings
+from server.settings import EX_CONFIG, SettingsError, load_settings
 
 CONFIG = Path(__file__).with_name("gunicorn_conf.py")
-EX_CONFIG = 78  # sysexits.h: a restart will not fix a bad setting
 
 
 def main() -> None:

@@ -13,13 +13,13 @@ import sys
 from typing import Any
 
 from server.logs import get_logger, log_startup_error
-from server.settings import SettingsError, get_settings
+from server.settings import EX_CONFIG, SettingsError, get_settings
 
 try:
     _settings = get_settings()
 except SettingsError as _error:
     log_startup_error(str(_error), logger="server.settings")
-    sys.exit(78)  # EX_CONFIG (sysexits.h): a restart will not fix a bad setting
+    sys.exit(EX_CONFIG)
 
 # prometheus_client picks its multiprocess value class when first imported: set the
 # directory before anything imports it.

@@ -1,17 +1,18 @@
 """Logging: one JSON object per line on stdout, for gunicorn, uvicorn and the app alike.
 
 Configured once per process (`configure_logging`), as structlog's documentation suggests:
-a list of processors that reads like the life of a log line. Two doors lead to it:
+a list of processors that reads like the life of a log line. Three doors lead to it, and
+every line has the same keys: `timestamp` (ISO-8601 UTC), `level`, `logger`, `event`, `pid`,
+plus `request_id` and whatever else is bound in the request's context:
 
-* structlog loggers (`get_logger`), used on the hot path (the access line), render straight
-  to bytes with orjson;
+* structlog loggers (`get_logger`) render straight to bytes with orjson;
 * stdlib loggers (gunicorn.error, uvicorn.error, the app's `logging.getLogger`) go through
-  structlog's `ProcessorFormatter` with the same processors, so every line has the same keys:
-  `timestamp` (ISO-8601 UTC), `level`, `logger`, `event`, `pid`, plus `request_id` and
-  whatever else is bound in the request's context.
+  structlog's `ProcessorFormatter` with the same processors;
+* the access line of each request (`log_access`, the hot path) is rendered without the
+  processor chain and written with the other access lines of the same event-loop turn.
 
-Each line is written with one `write(2)` on fd 1, so lines of concurrent processes sharing
-the container's stdout never interleave (writes up to PIPE_BUF are atomic).
+Every write(2) on fd 1 holds whole lines and stays within PIPE_BUF when it holds several,
+so lines of concurrent processes sharing the container's stdout never interleave.
 https://www.structlog.org/en/stable/standard-library.html
 """
 
@@ -73,13 +74,13 @@ def _flush_batch() -> None:
     chunk: list[bytes] = []
     size = 0
     for line in lines:
-        if chunk and size + len(line) > _PIPE_BUF:
-            _write_line(b"".join(chunk)[:-1])
+        if chunk and size + len(line) + 1 > _PIPE_BUF:
+            _write_line(b"\n".join(chunk))
             chunk, size = [], 0
         chunk.append(line)
-        size += len(line)
+        size += len(line) + 1  # and its newline
     if chunk:
-        _write_line(b"".join(chunk)[:-1])
+        _write_line(b"\n".join(chunk))
 
 
 def _queue_line(data: bytes) -> None:
@@ -91,7 +92,7 @@ def _queue_line(data: bytes) -> None:
         return
     if not _batch:
         loop.call_soon(_flush_batch)
-    _batch.append(data + b"\n")
+    _batch.append(data)
 
 
 def flush_access_lines() -> None:

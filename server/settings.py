@@ -15,7 +15,9 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "SettingsError", "get_settings", "load_settings"]
+__all__ = ["EX_CONFIG", "Settings", "SettingsError", "get_settings", "load_settings"]
+
+EX_CONFIG = 78  # sysexits.h: the exit status for a bad setting, which a restart will not fix
 
 
 class SettingsError(Exception):

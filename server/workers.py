@@ -11,7 +11,6 @@ https://github.com/Kludex/uvicorn-worker
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,7 +19,6 @@ from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker as _StockUvicornWorker
 
 from server.health import STATE
-from server.logs import configure_logging
 from server.settings import get_settings
 
 if TYPE_CHECKING:
@@ -59,8 +57,9 @@ class UvicornWorker(_StockUvicornWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         settings = get_settings()
-        # The stock class points uvicorn's loggers at gunicorn's handlers; use ours.
-        configure_logging(settings.log_level, settings.log_format)
+        # Logging needs nothing here: the stock class points uvicorn's loggers at gunicorn's
+        # handlers, which server.logs.GunicornLogger already replaced with ours in the
+        # master, and the worker inherits them (uvicorn.access stays disabled).
         config = self.config
         config.timeout_graceful_shutdown = settings.shutdown_timeout
         config.timeout_keep_alive = settings.keepalive_timeout
@@ -68,7 +67,6 @@ class UvicornWorker(_StockUvicornWorker):
         config.forwarded_allow_ips = settings.forwarded_allow_ips
         config.access_log = False  # our middleware logs each request once
         config.server_header = False  # nginx decides what the client sees
-        logging.getLogger("uvicorn.access").disabled = True
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi
