@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from server.metrics import HttpMetrics
+from tests.promtext import samples
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -60,6 +61,14 @@ class Server:
         if settle:
             time.sleep(HttpMetrics.FLUSH_INTERVAL * 2 + 0.1)
         return httpx.get(self.metrics_url, timeout=5).text
+
+    def worker_pids(self) -> set[int]:
+        """The live workers' pids, as the master's process metrics list them."""
+        return {
+            int(labels["pid"])
+            for labels, _ in samples(self.metrics(), "process_cpu_seconds_total")
+            if labels["role"] == "worker"
+        }
 
     def wait_ready(self, workers: int, timeout: float = 30) -> None:
         """Until the metrics report `workers` live workers and every one has started."""

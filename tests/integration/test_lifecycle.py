@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from server.cpu import worker_count
-from tests.integration.conftest import ROOT, Server, start_server
+from tests.integration.conftest import ROOT, start_server
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -118,7 +118,7 @@ def test_sighup_reload_replaces_workers_without_failing_a_request(tmp_path: Path
     server = start_server(tmp_path)
     try:
         server.wait_ready(workers=2)
-        before = set(_pids(server))
+        before = server.worker_pids()
         failures: list[str] = []
         statuses: list[int] = []
         stop = time.monotonic() + 6
@@ -142,20 +142,10 @@ def test_sighup_reload_replaces_workers_without_failing_a_request(tmp_path: Path
         assert failures == []
         assert set(statuses) == {200}
         server.wait_ready(workers=2)
-        after = set(_pids(server))
+        after = server.worker_pids()
         assert before.isdisjoint(after), (before, after)  # every worker was replaced
     finally:
         assert server.stop() == 0
-
-
-def _pids(server: Server) -> list[int]:
-    from tests.promtext import samples
-
-    return [
-        int(labels["pid"])
-        for labels, _ in samples(server.metrics(), "process_cpu_seconds_total")
-        if labels["role"] == "worker"
-    ]
 
 
 def test_env_example_values_start_the_server(tmp_path: Path) -> None:

@@ -191,17 +191,11 @@ def test_scanner_paths_share_one_route_label(server: Server) -> None:
     assert total(server.metrics(), "http_requests_total", route="<unmatched>") >= 100
 
 
-def _worker_pids(server: Server) -> set[int]:
-    text = server.metrics()
-    return {
-        int(labels["pid"])
-        for labels, _ in samples(text, "process_cpu_seconds_total")
-        if labels["role"] == "worker"
-    }
-
-
 def test_metrics_answer_while_every_worker_is_stuck(server: Server) -> None:
-    pids = _worker_pids(server)
+    # At least one request counted, whichever tests ran before this one.
+    assert httpx.get(f"{server.url}/api/hello", timeout=10).status_code == 200
+    server.metrics(settle=True)
+    pids = server.worker_pids()
     assert len(pids) == 2
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)  # truly stuck: not even the event loop turns
@@ -226,7 +220,7 @@ def test_killed_worker_is_replaced_and_counters_never_go_backwards(server: Serve
     text = server.metrics(settle=True)
     requests_before = total(text, "http_requests_total")
     restarts_before = total(text, "gunicorn_worker_restarts_total")
-    pids = _worker_pids(server)
+    pids = server.worker_pids()
     victim = min(pids)
     os.kill(victim, signal.SIGKILL)
 
@@ -235,7 +229,7 @@ def test_killed_worker_is_replaced_and_counters_never_go_backwards(server: Serve
     def replaced() -> bool:
         now = server.metrics()
         seen.append(total(now, "http_requests_total"))
-        current = _worker_pids(server)
+        current = server.worker_pids()
         return len(current) == 2 and victim not in current
 
     _wait_for(replaced, timeout=20, interval=0.1)
