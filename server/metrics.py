@@ -95,7 +95,6 @@ class HttpMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
-        self._bounds = HTTP_BUCKETS
         # Pending, not yet written: counts by (method, route, status); for each
         # (method, route) the observation count per bucket and the sum of seconds.
         self._counts: dict[tuple[str, str, int], int] = {}
@@ -119,9 +118,9 @@ class HttpMetrics:
         hkey = (method, route)
         buckets = self._buckets.get(hkey)
         if buckets is None:
-            buckets = self._buckets[hkey] = [0] * (len(self._bounds) + 1)
+            buckets = self._buckets[hkey] = [0] * (len(HTTP_BUCKETS) + 1)
             self._sums[hkey] = 0.0
-        buckets[bisect.bisect_left(self._bounds, seconds)] += 1
+        buckets[bisect.bisect_left(HTTP_BUCKETS, seconds)] += 1
         self._sums[hkey] += seconds
         self._schedule()
 
