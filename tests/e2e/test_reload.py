@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 import pytest
+from traffic import PacedTraffic
 
 if TYPE_CHECKING:
     from conftest import Stack
@@ -25,8 +24,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-STREAMS = 2
-INTERVAL = 0.12  # per stream: ~16 requests/s in all, under RATE_LIMIT (20r/s)
 DURATION = 14.0  # seconds of traffic; the reload happens 3 s in
 MAX_REQUESTS = 300
 
@@ -53,56 +50,22 @@ def test_make_reload_under_traffic_fails_no_request(stack: Stack) -> None:
     booted_before = _booted_workers(stack)
     assert nginx_before, "no nginx worker process found"
 
-    results: list[int] = []
-    failures: list[str] = []
-    deadline = time.monotonic() + DURATION
-    lock = threading.Lock()
-
-    def stream(index: int) -> None:
-        with stack.client() as client:  # keep-alive, like a browser
-            n = 0
-            while time.monotonic() < deadline:
-                with lock:
-                    if len(results) + len(failures) >= MAX_REQUESTS:
-                        return
-                n += 1
-                try:
-                    if n % 2:
-                        response = client.get(f"/api/items/{(n % 50) + 1}")
-                        expected = 200
-                    else:
-                        body = {"item_id": (n % 50) + 1, "quantity": 1, "note": f"s{index}"}
-                        response = client.post("/api/orders", json=body)
-                        expected = 201
-                    with lock:
-                        if response.status_code == expected:
-                            results.append(response.status_code)
-                        else:
-                            failures.append(f"{response.status_code} {response.text[:200]}")
-                except httpx.HTTPError as error:
-                    with lock:
-                        failures.append(repr(error))
-                time.sleep(INTERVAL)
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(STREAMS)]
-    for thread in threads:
-        thread.start()
-    time.sleep(3)
-    reload = subprocess.run(
-        ["make", "--no-print-directory", "reload"],
-        cwd=ROOT,
-        env={**os.environ, **stack.env, "COMPOSE_PROJECT_NAME": stack.project},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    for thread in threads:
-        thread.join(timeout=DURATION + 30)
+    with PacedTraffic(stack.client, duration=DURATION, max_requests=MAX_REQUESTS) as traffic:
+        time.sleep(3)
+        reload = subprocess.run(
+            ["make", "--no-print-directory", "reload"],
+            cwd=ROOT,
+            env={**os.environ, **stack.env, "COMPOSE_PROJECT_NAME": stack.project},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        time.sleep(DURATION - 3)
     assert reload.returncode == 0, reload.stdout + reload.stderr
 
-    assert failures == [], failures
-    assert len(results) >= 50, f"only {len(results)} requests went through"
+    assert traffic.failures == [], traffic.summary()
+    assert len(traffic.succeeded) >= 50, traffic.summary()
 
     # Both really reloaded: new nginx workers, and gunicorn booted a new set of workers.
     deadline = time.monotonic() + 30

@@ -1,0 +1,169 @@
+"""A bounded, paced stream of reads and writes through nginx that counts every failure.
+
+Every zero-loss claim of the stack (reload, deploy, scale, certificate renewal, an
+orchestrator's rolling update) is tested the same way: start `PacedTraffic` against the
+stack's public HTTPS port, make the change, stop the traffic, and assert that `failures`
+is empty and that enough requests went through for the claim to mean something.
+
+- Paced: `streams` keep-alive clients (as browsers are) each send one request every
+  `interval` seconds, alternating `GET /api/items/{id}` (200) and `POST /api/orders` (201),
+  so the stream stays under the rate limit and the only failures it can see are the
+  change's. POSTs matter: nginx never retries a non-idempotent request on another upstream.
+- Bounded: it stops by itself after `duration` seconds or `max_requests` requests,
+  whichever comes first, even if the test never calls `stop()`.
+- Counted: each request is recorded with its start time, status, latency and request id
+  (`X-Request-ID`), so a test can find it in nginx's and the app's logs (for example which
+  upstream served it).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import TracebackType
+
+__all__ = ["Outcome", "PacedTraffic"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request of the stream."""
+
+    started: float  # time.monotonic() when it was sent
+    method: str
+    path: str
+    status: int | None  # None: no response (connection refused, reset, timeout)
+    ok: bool
+    seconds: float
+    request_id: str
+    error: str = ""
+
+
+@dataclass
+class PacedTraffic:
+    """Run GET/POST streams in threads until stopped or bounded; see the module docstring.
+
+    `client_factory` returns a new httpx.Client with the base URL and TLS trust of the stack
+    (`Stack.client`). Use as a context manager, or call `start()` and `stop()`.
+    """
+
+    client_factory: Callable[[], httpx.Client]
+    streams: int = 2
+    interval: float = 0.12  # per stream; 2 streams ~16 requests/s, under RATE_LIMIT 20r/s
+    duration: float = 60.0
+    max_requests: int = 2000
+    outcomes: list[Outcome] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _threads: list[threading.Thread] = field(default_factory=list, repr=False)
+
+    # ── control ──────────────────────────────────────────────────────────────
+    def start(self) -> PacedTraffic:
+        deadline = time.monotonic() + self.duration
+        self._threads = [
+            threading.Thread(target=self._stream, args=(i, deadline), daemon=True)
+            for i in range(self.streams)
+        ]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> PacedTraffic:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        return self
+
+    def __enter__(self) -> PacedTraffic:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def wait_for(self, count: int, timeout: float = 30) -> None:
+        """Block until at least `count` more requests have completed (or fail)."""
+        target = len(self.outcomes) + count
+        deadline = time.monotonic() + timeout
+        while len(self.outcomes) < target:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"traffic stalled: {len(self.outcomes)}/{target} requests")
+            time.sleep(0.05)
+
+    # ── results ──────────────────────────────────────────────────────────────
+    @property
+    def failures(self) -> list[Outcome]:
+        with self._lock:
+            return [o for o in self.outcomes if not o.ok]
+
+    @property
+    def succeeded(self) -> list[Outcome]:
+        with self._lock:
+            return [o for o in self.outcomes if o.ok]
+
+    def since(self, moment: float) -> list[Outcome]:
+        """Requests sent at or after `moment` (a time.monotonic() value)."""
+        with self._lock:
+            return [o for o in self.outcomes if o.started >= moment]
+
+    def summary(self) -> str:
+        fails = self.failures
+        shown = "; ".join(f"{o.method} {o.path} -> {o.status or o.error}" for o in fails[:10])
+        return f"{len(self.outcomes)} requests, {len(fails)} failed" + (
+            f": {shown}" if fails else ""
+        )
+
+    # ── the streams ──────────────────────────────────────────────────────────
+    def _stream(self, index: int, deadline: float) -> None:
+        with self.client_factory() as client:  # keep-alive, like a browser
+            n = 0
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                with self._lock:
+                    if len(self.outcomes) >= self.max_requests:
+                        return
+                n += 1
+                self._one(client, index, n)
+                self._stop.wait(self.interval)
+
+    def _one(self, client: httpx.Client, index: int, n: int) -> None:
+        rid = f"traffic-{index}-{n}-{uuid.uuid4().hex[:8]}"
+        item = (n % 50) + 1
+        kwargs: dict[str, Any] = {"headers": {"X-Request-ID": rid}}
+        if n % 2:
+            method, path, expected = "GET", f"/api/items/{item}", 200
+        else:
+            method, path, expected = "POST", "/api/orders", 201
+            kwargs["json"] = {"item_id": item, "quantity": 1, "note": f"stream {index}"}
+        started = time.monotonic()
+        try:
+            response = client.request(method, path, **kwargs)
+        except httpx.HTTPError as error:
+            outcome = Outcome(
+                started, method, path, None, False, time.monotonic() - started, rid, repr(error)
+            )
+        else:
+            ok = response.status_code == expected
+            outcome = Outcome(
+                started,
+                method,
+                path,
+                response.status_code,
+                ok,
+                time.monotonic() - started,
+                rid,
+                "" if ok else response.text[:200],
+            )
+        with self._lock:
+            self.outcomes.append(outcome)
