@@ -52,7 +52,8 @@ out=$(run SERVER_NAMES='example.com www.example.com 10.0.0.5' APP_UPSTREAM=127.0
 # shellcheck disable=SC2016  # nginx variables, literally
 for want in 'server_name example.com www.example.com 10.0.0.5;' 'server 127.0.0.1:9001;' \
     'rate=600r/m;' 'limit_req zone=per_client;' '10.0.0.0/8 1;' '192.168.1.7 1;' \
-    'client_max_body_size 10m;' 'return 308 https://$host:8443$request_uri;'; do
+    'client_max_body_size 10m;' 'return 308 https://$host:8443$request_uri;' \
+    'X25519:prime256v1:secp384r1;'; do
     grep -qF -- "$want" <<<"$out" || fail "the rendered config lacks '$want'"
 done
 

@@ -146,10 +146,24 @@ render_settings() {
         "HTTPS_REDIRECT_PORT=${HTTPS_REDIRECT_PORT:-443} TLS_CERT=$TLS_CERT"
 }
 
+# ── TLS key-exchange groups (tls/policy-intermediate.conf) ──────────────────
+# Mozilla intermediate: X25519, P-256, P-384; guidelines 5.8 put the hybrid
+# X25519MLKEM768 first where the OpenSSL nginx links knows it (3.5+; 3.0 in
+# the official image would refuse the name and nginx would not start).
+render_tls_groups() {
+    groups="X25519:prime256v1:secp384r1"
+    if openssl list -tls-groups 2>/dev/null | tr ':' '\n' | grep -qx X25519MLKEM768; then
+        groups="X25519MLKEM768:$groups"
+    fi
+    printf 'ssl_ecdh_curve %s;\n' "$groups" >"$SETTINGS_DIR/tls-groups.conf"
+    log "TLS groups: $groups"
+}
+
 # ── main ────────────────────────────────────────────────────────────────────
 mkdir -p /tmp/nginx || die "/tmp is not writable: mount a tmpfs at /tmp"
 ensure_certificate
 render_settings
+render_tls_groups
 
 if [ "${1:-}" = nginx ]; then
     # Fail here, with nginx's own message, rather than restart-looping later.
