@@ -77,11 +77,11 @@ test-integration: install ## Integration tests: real gunicorn + uvicorn workers 
 	$(PYTEST) tests/integration -q -m integration
 
 .PHONY: test-static
-test-static: install ## Config checks in the real tools: nginx -t, promtool (config, rules, rule tests, dashboard queries)
+test-static: install ## Config checks in the real tools: nginx -t, promtool, compose config; the cross-component contract
 	bash scripts/ensure-compose.sh
 	bash scripts/base-images.sh nginx prometheus
 	NGINX_IMAGE=localbase/nginx:trixie bash nginx/check.sh
-	$(PYTEST) tests/monitoring -q
+	$(PYTEST) tests/monitoring tests/static -q
 
 .PHONY: test-e2e
 test-e2e: install prerequisites ## End-to-end tests: the real compose stack in Docker

@@ -23,7 +23,9 @@ import logging
 import math
 import random
 import re
+import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -32,6 +34,10 @@ from gevent.lock import Semaphore
 from locust import FastHttpUser, events, task
 from locust.exception import StopUser
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, WorkerRunner
+
+if __package__ in (None, ""):  # loaded by path (`locust -f`): make `loadtests` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loadtests.settings import RunSettings, SettingsError, load_settings, parse_duration
 
 if TYPE_CHECKING:
     from locust.env import Environment
@@ -54,64 +60,59 @@ class _Process:
 _process = _Process()
 
 
-def _duration(value: str) -> int:
-    text = str(value).strip().lower()
-    if text.isdigit():
-        return int(text)
-    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text)
-    if not text or not match:
-        raise ValueError(f"invalid duration {value!r}: use 30s, 2m, 1m30s or seconds")
-    h, m, s = (int(g) if g else 0 for g in match.groups())
-    return h * 3600 + m * 60 + s
+def _defaults() -> RunSettings:
+    """The run parameters from their one loader (slo.toml, then LOADTEST_* overrides)."""
+    try:
+        return load_settings().run
+    except SettingsError as exc:
+        raise SystemExit(f"loadtest: invalid setting: {exc}") from None
 
 
 def _add_options(parser: Any) -> None:
+    """The locustfile's own options. Their defaults come from loadtests.settings, the one
+    parser of slo.toml and the LOADTEST_* variables (`python -m loadtests` passes them
+    explicitly; a plain `locust -f` gets the same values); the master sends them to its
+    workers."""
+    run = _defaults()
     parser.add_argument(
         "--ca-file",
-        env_var="LOADTEST_CA_FILE",
-        default="",
+        default=str(run.ca_file or ""),
         help="PEM file of the CA / self-signed certificate to trust for the target",
     )
     parser.add_argument(
         "--server-name",
-        env_var="LOADTEST_SERVER_NAME",
-        default="",
+        default=run.server_name or "",
         help="Host header, TLS SNI and certificate name when --host names another address "
         "(e.g. --host https://nginx:8443 --server-name localhost inside compose)",
     )
     parser.add_argument(
         "--max-requests",
         type=int,
-        env_var="LOADTEST_MAX_REQUESTS",
-        default=60000,
+        default=run.max_requests,
         help="Stop the test after this many requests in total",
     )
     parser.add_argument(
         "--time-limit",
-        type=_duration,
-        env_var="LOADTEST_DURATION",
-        default=60,
+        type=parse_duration,
+        default=run.duration_s,
         help="Stop the test this long after it started (also in web UI mode)",
     )
     parser.add_argument(
         "--wait-min",
         type=float,
-        env_var="LOADTEST_WAIT_MIN",
-        default=0.05,
+        default=run.wait_min,
         help="Minimum think time between a user's tasks, seconds",
     )
     parser.add_argument(
         "--wait-max",
         type=float,
-        env_var="LOADTEST_WAIT_MAX",
-        default=0.25,
+        default=run.wait_max,
         help="Maximum think time between a user's tasks, seconds",
     )
     parser.add_argument(
         "--slow-seconds",
         type=float,
-        env_var="LOADTEST_SLOW_SECONDS",
-        default=0.2,
+        default=run.slow_seconds,
         help="Delay the occasional /api/slow call asks for",
     )
 

@@ -135,11 +135,7 @@ def _run_bounded(cmd: list[str], log_path: Path, timeout_s: int) -> int | None:
     Returns the exit code, or None when it had to be stopped.
     """
     with log_path.open("w") as log:
-        # Empty LOADTEST_* variables (compose passes unset ones as "") mean "default".
-        env = {k: v for k, v in os.environ.items() if v or not k.startswith("LOADTEST_")}
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             return proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -242,13 +238,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--expect-workers",
         type=int,
-        default=int(os.environ.get("LOADTEST_EXPECT_WORKERS", "1") or 1),
-        help="workers to wait for with --master (LOADTEST_EXPECT_WORKERS)",
+        default=None,
+        help="workers to wait for with --master (default LOADTEST_EXPECT_WORKERS, 1)",
     )
     parser.add_argument(
         "--web-ui",
         action="store_true",
-        default=os.environ.get("LOADTEST_WEB_UI", "").strip().lower() in ("1", "true", "yes"),
+        default=None,
         help="after the preflight, serve Locust's web UI on :8089 instead of a headless run; "
         "each test started there still stops at LOADTEST_DURATION / LOADTEST_MAX_REQUESTS "
         "(LOADTEST_WEB_UI=1)",
@@ -329,12 +325,21 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         _say(f"invalid setting: {exc}")
         return EXIT_SETUP
+    # Flags win over the settings for this run.
+    settings = replace(
+        settings,
+        run=replace(
+            settings.run,
+            expect_workers=args.expect_workers or settings.run.expect_workers,
+            web_ui=bool(args.web_ui or settings.run.web_ui),
+        ),
+    )
     report_dir = settings.run.report_root / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     command = partial(
         locust_command,
         report_dir=report_dir,
         master=args.master,
-        expect_workers=args.expect_workers,
+        expect_workers=settings.run.expect_workers,
     )
     if args.print_command:
         print(" ".join(command(settings)))
@@ -348,11 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"preflight failed: {exc}")
         return EXIT_SETUP
     run = settings.run
-    if args.web_ui:
-        web_host = os.environ.get("LOADTEST_WEB_HOST") or "127.0.0.1"
+    if run.web_ui:
+        web_host = run.web_host
         cmd = web_ui_command(command(settings), web_host)
-        for name in [k for k, v in os.environ.items() if k.startswith("LOADTEST_") and not v]:
-            del os.environ[name]
         _say(
             f"web UI on {web_host}:8089; every test stops after LOADTEST_DURATION and "
             "LOADTEST_MAX_REQUESTS"
@@ -369,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. the bounded Locust run
     workers = f"{run.processes} worker process(es)"
     if args.master:
-        workers = f"{args.expect_workers} external worker(s)"
+        workers = f"{run.expect_workers} external worker(s)"
     _say(
         f"running {run.users} users (spawn {run.spawn_rate:g}/s) for {run.duration_s}s, "
         f"at most {run.max_requests} requests, {workers}; hard timeout {run.hard_timeout_s}s"

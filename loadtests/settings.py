@@ -81,6 +81,9 @@ class RunSettings:
     report_root: Path
     allow_remote: bool = False
     server_name: str | None = None  # Host/SNI/certificate name when host is another address
+    expect_workers: int = 1  # external Locust workers a --master run waits for
+    web_ui: bool = False  # serve Locust's web UI after the preflight instead of a headless run
+    web_host: str = "127.0.0.1"  # where that UI listens
 
     @property
     def hard_timeout_s(self) -> int:
@@ -224,6 +227,13 @@ def _server_name(value: str) -> str | None:
     return text or None
 
 
+def _web_host(value: object) -> str:
+    text = str(value).strip()
+    if not re.fullmatch(r"[A-Za-z0-9.:-]+", text):
+        raise ValueError("expected an address to bind, e.g. 127.0.0.1 or 0.0.0.0")
+    return text
+
+
 def _optional_url(env: Mapping[str, str], name: str) -> str | None:
     try:
         return _url(env.get(name, ""))
@@ -360,6 +370,9 @@ def load_settings(env: Mapping[str, str] | None = None, slo_file: Path | None = 
         report_root=Path(env.get("LOADTEST_REPORT_DIR", "").strip() or DEFAULT_REPORT_ROOT),
         allow_remote=r.get("allow_remote", "LOADTEST_ALLOW_REMOTE", _boolean, default=False),
         server_name=_server_name(env.get("LOADTEST_SERVER_NAME", "")),
+        expect_workers=r.get("expect_workers", "LOADTEST_EXPECT_WORKERS", _integer(1, 256), 1),
+        web_ui=r.get("web_ui", "LOADTEST_WEB_UI", _boolean, default=False),
+        web_host=r.get("web_host", "LOADTEST_WEB_HOST", _web_host, default="127.0.0.1"),
     )
     if run.wait_max < run.wait_min:
         raise SettingsError(
