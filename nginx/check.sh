@@ -47,14 +47,39 @@ run -- nginx -t -q || fail "nginx -t failed with the default settings"
 say "nginx -T with every setting changed"
 out=$(run SERVER_NAMES='example.com www.example.com 10.0.0.5' APP_UPSTREAM=127.0.0.1:9001 \
     RATE_LIMIT=600r/m RATE_LIMIT_BURST=0 RATE_LIMIT_ALLOWLIST='10.0.0.0/8, 192.168.1.7' \
-    CLIENT_MAX_BODY_SIZE=10m HTTPS_REDIRECT_PORT=8443 -- nginx -T -q 2>&1) \
+    CLIENT_MAX_BODY_SIZE=10m HTTPS_REDIRECT_PORT=8443 CONNECTION_LIMIT=4 \
+    HSTS_MAX_AGE=31536000 HSTS_INCLUDE_SUBDOMAINS=on HSTS_PRELOAD=on -- nginx -T -q 2>&1) \
     || fail "nginx -T failed with non-default settings:"$'\n'"$out"
 # shellcheck disable=SC2016  # nginx variables, literally
 for want in 'server_name example.com www.example.com 10.0.0.5;' 'server 127.0.0.1:9001;' \
     'rate=600r/m;' 'limit_req zone=per_client;' '10.0.0.0/8 1;' '192.168.1.7 1;' \
     'client_max_body_size 10m;' 'return 308 https://$host:8443$request_uri;' \
-    'X25519:prime256v1:secp384r1;'; do
+    'X25519:prime256v1:secp384r1;' 'limit_conn per_client_conn 4;' \
+    'client_body_buffer_size 10m;' 'proxy_request_buffering on;' 'worker_processes ' \
+    'worker_connections ' \
+    'Strict-Transport-Security "max-age=31536000; includeSubDomains; preload" always;'; do
     grep -qF -- "$want" <<<"$out" || fail "the rendered config lacks '$want'"
+done
+
+say "bodies too large to buffer per client are streamed, not spooled"
+out=$(run CLIENT_MAX_BODY_SIZE=0 -- nginx -T -q 2>&1) || fail "nginx -T failed: $out"
+grep -qF 'proxy_request_buffering off;' <<<"$out" || fail "CLIENT_MAX_BODY_SIZE=0 is not streamed"
+
+say "nginx's own 500 is JSON with the request id and the security headers"
+# The real config, with /metrics answered 500 by nginx (no request can make
+# nginx fail on its own any more: nothing is spooled to /tmp).
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+printf 'location = /metrics { return 500; }\n' >"$tmp/metrics-blocked.conf"
+probe='nginx -e stderr && sleep 1 && printf "GET /metrics HTTP/1.1\r\nHost: localhost\r\nX-Request-ID: check-500\r\nConnection: close\r\n\r\n" \
+    | openssl s_client -quiet -connect 127.0.0.1:8443 -servername localhost 2>/dev/null'
+out=$(docker run --rm --read-only --tmpfs /tmp --cap-drop ALL --network none \
+    --add-host app:127.0.0.1 -e TLS_CERT=/tmp/check/fullchain.pem -e TLS_KEY=/tmp/check/privkey.pem \
+    -v "$tmp/metrics-blocked.conf:/etc/nginx/location/metrics-blocked.conf:ro" \
+    "$image" sh -c "$probe" 2>&1) || true
+for want in 'HTTP/1.1 500' 'Content-Type: application/json' 'X-Request-ID: check-500' \
+    'X-Content-Type-Options: nosniff' '{"detail":"internal server error","request_id":"check-500"}'; do
+    grep -qF -- "$want" <<<"$out" || fail "nginx's 500 lacks '$want':"$'\n'"$out"
 done
 
 say "a bad setting is refused, naming the variable"
@@ -62,5 +87,9 @@ if out=$(run RATE_LIMIT='20r/s; evil' -- nginx -t 2>&1); then
     fail "RATE_LIMIT='20r/s; evil' was accepted"
 fi
 grep -q 'RATE_LIMIT=' <<<"$out" || fail "the refusal does not name RATE_LIMIT: $out"
+if out=$(run HSTS_PRELOAD=on -- nginx -t 2>&1); then
+    fail "HSTS_PRELOAD=on without includeSubDomains was accepted"
+fi
+grep -q 'HSTS_PRELOAD=on needs' <<<"$out" || fail "the refusal does not explain HSTS_PRELOAD: $out"
 
 say "ok ($image)"

@@ -146,6 +146,111 @@ render_settings() {
         "HTTPS_REDIRECT_PORT=${HTTPS_REDIRECT_PORT:-443} TLS_CERT=$TLS_CERT"
 }
 
+# ── per-client limits, body buffering, workers (limits/, nginx.conf) ────────
+# One client may have CONNECTION_LIMIT requests in progress at once (HTTP/2:
+# each stream counts); more get 429 before their body is read. A request body
+# is held in memory, never spooled to /tmp (a tmpfs is memory too, smaller, and
+# a full one answered 500): client_body_buffer_size = CLIENT_MAX_BODY_SIZE, as
+# long as one client's worst case (CONNECTION_LIMIT x CLIENT_MAX_BODY_SIZE)
+# fits in a quarter of the container's memory limit. Beyond that (or with
+# CLIENT_MAX_BODY_SIZE=0, unlimited) bodies are streamed to the app as they
+# arrive (proxy_request_buffering off): nothing is buffered whole anywhere.
+# Workers: one per CPU of the container's quota (not the host's, as `auto`).
+# Connection slots: half the memory limit at 64 KiB each (an idle TLS
+# connection costs nginx ~52 KiB, measured), split over the workers, at most
+# MAX_WORKER_CONNECTIONS each (worker_rlimit_nofile 16384 holds 2 per slot).
+CONNECTION_LIMIT=${CONNECTION_LIMIT:-32}
+MAX_WORKER_CONNECTIONS=8000
+ASSUMED_MEMORY=536870912  # no memory limit known: plan for 512 MiB (compose's default)
+
+cgroup_memory_limit() {  # bytes, or nothing when unlimited / unknown
+    for file in /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory/memory.limit_in_bytes; do
+        [ -r "$file" ] || continue
+        value=$(cat "$file")
+        case $value in max | "" | *[!0-9]*) return 0 ;; esac
+        [ "$value" -lt 1099511627776 ] && printf '%s' "$value"  # >= 1 TiB: no limit
+        return 0
+    done
+}
+
+cgroup_cpus() {  # whole CPUs of the quota (rounded up), at most the usable CPUs
+    cpus=$(nproc)
+    quota="" period=""
+    if [ -r /sys/fs/cgroup/cpu.max ]; then
+        read -r quota period </sys/fs/cgroup/cpu.max
+    elif [ -r /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
+        quota=$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us)
+        period=$(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us)
+    fi
+    case $quota in "" | max | -*) ;; *)
+        limited=$(( (quota + period - 1) / period ))
+        [ "$limited" -ge 1 ] && [ "$limited" -lt "$cpus" ] && cpus=$limited ;;
+    esac
+    printf '%s' "$cpus"
+}
+
+bytes() {  # an nginx size (1m, 512k, 2g, 1024) in bytes
+    case $1 in
+        *[kK]) echo $(( ${1%?} * 1024 )) ;;
+        *[mM]) echo $(( ${1%?} * 1048576 )) ;;
+        *[gG]) echo $(( ${1%?} * 1073741824 )) ;;
+        *) echo "$1" ;;
+    esac
+}
+
+render_limits() {
+    require CONNECTION_LIMIT "$CONNECTION_LIMIT" '[1-9][0-9]{0,5}' \
+        "concurrent requests per client IP, e.g. 32"
+    printf 'limit_conn per_client_conn %s;\n' "$CONNECTION_LIMIT" >"$SETTINGS_DIR/connection-limit.conf"
+
+    memory=$(cgroup_memory_limit)
+    budget=$(( ${memory:-$ASSUMED_MEMORY} / 4 ))
+    body=$(bytes "$CLIENT_MAX_BODY_SIZE")
+    if [ "$body" -gt 0 ] && [ $(( CONNECTION_LIMIT * body )) -le "$budget" ]; then
+        printf 'client_body_buffer_size %s;\nproxy_request_buffering on;\n' "$CLIENT_MAX_BODY_SIZE"
+        how="in memory (client_body_buffer_size $CLIENT_MAX_BODY_SIZE)"
+    else
+        printf 'client_body_buffer_size 64k;\nproxy_request_buffering off;\n'
+        how="streamed to the app ($CONNECTION_LIMIT x $CLIENT_MAX_BODY_SIZE > $budget bytes, a quarter of the memory limit)"
+    fi >"$SETTINGS_DIR/request-body-buffering.conf"
+
+    workers=$(cgroup_cpus)
+    printf 'worker_processes %s;\n' "$workers" >"$SETTINGS_DIR/worker-processes.conf"
+    slots=$(( ${memory:-$ASSUMED_MEMORY} / 2 / 65536 / workers ))
+    [ "$slots" -gt "$MAX_WORKER_CONNECTIONS" ] && slots=$MAX_WORKER_CONNECTIONS
+    [ "$slots" -lt 512 ] && slots=512
+    printf 'worker_connections %s;\n' "$slots" >"$SETTINGS_DIR/worker-connections.conf"
+    log "limits: CONNECTION_LIMIT=$CONNECTION_LIMIT per client; request bodies $how;" \
+        "worker_processes $workers x worker_connections $slots (memory limit ${memory:-none})"
+}
+
+# ── HSTS (security/strict-transport-security.conf) ──────────────────────────
+# includeSubDomains and preload reach beyond this host and are slow to undo
+# (browsers remember for max-age; the preload list ships in browsers): both
+# are opt-in. preload needs includeSubDomains and max-age >= 1 year
+# (https://hstspreload.org/#deployment-recommendations).
+HSTS_MAX_AGE=${HSTS_MAX_AGE:-63072000}
+HSTS_INCLUDE_SUBDOMAINS=${HSTS_INCLUDE_SUBDOMAINS:-off}
+HSTS_PRELOAD=${HSTS_PRELOAD:-off}
+
+on_off='(on|off|true|false|yes|no|1|0)'
+is_on() { case $1 in on | true | yes | 1) return 0 ;; *) return 1 ;; esac; }
+
+render_hsts() {
+    require HSTS_MAX_AGE "$HSTS_MAX_AGE" '[0-9]{1,9}' "seconds, e.g. 63072000 (2 years; 0 tells browsers to forget)"
+    require HSTS_INCLUDE_SUBDOMAINS "$HSTS_INCLUDE_SUBDOMAINS" "$on_off" "on or off"
+    require HSTS_PRELOAD "$HSTS_PRELOAD" "$on_off" "on or off"
+    value="max-age=$HSTS_MAX_AGE"
+    if is_on "$HSTS_INCLUDE_SUBDOMAINS"; then value="$value; includeSubDomains"; fi
+    if is_on "$HSTS_PRELOAD"; then
+        is_on "$HSTS_INCLUDE_SUBDOMAINS" && [ "$HSTS_MAX_AGE" -ge 31536000 ] \
+            || die "HSTS_PRELOAD=on needs HSTS_INCLUDE_SUBDOMAINS=on and HSTS_MAX_AGE >= 31536000"
+        value="$value; preload"
+    fi
+    printf 'add_header Strict-Transport-Security "%s" always;\n' "$value" >"$SETTINGS_DIR/hsts.conf"
+    log "HSTS: $value"
+}
+
 # ── TLS key-exchange groups (tls/policy-intermediate.conf) ──────────────────
 # Mozilla intermediate: X25519, P-256, P-384; guidelines 5.8 put the hybrid
 # X25519MLKEM768 first where the OpenSSL nginx links knows it (3.5+; 3.0 in
@@ -163,6 +268,8 @@ render_tls_groups() {
 mkdir -p /tmp/nginx || die "/tmp is not writable: mount a tmpfs at /tmp"
 ensure_certificate
 render_settings
+render_limits
+render_hsts
 render_tls_groups
 
 if [ "${1:-}" = nginx ]; then

@@ -186,6 +186,12 @@ class Stack:
         out = run(["docker", "inspect", self.container_id(service)]).stdout
         return dict(json.loads(out)[0])
 
+    def environment(self, service: str) -> dict[str, str]:
+        """The variables set in the service's container. Compose's pass-through entries
+        (`- NAME`) that were unset appear in `Config.Env` as a bare NAME: not set, skipped."""
+        env = self.inspect(service)["Config"]["Env"]
+        return dict(item.split("=", 1) for item in env if "=" in item)
+
     def exec(
         self,
         service: str,

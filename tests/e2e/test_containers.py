@@ -136,7 +136,7 @@ def test_app_is_only_on_the_internal_backend_network(stack: Stack) -> None:
     assert info["Internal"] is True, "backend network has a route out"
     subnet = info["IPAM"]["Config"][0]["Subnet"]
     assert subnet == stack.env["BACKEND_SUBNET"]
-    env = dict(item.split("=", 1) for item in stack.inspect("app")["Config"]["Env"])
+    env = stack.environment("app")
     assert env["FORWARDED_ALLOW_IPS"] == subnet, "the app must trust only the backend subnet"
 
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STATIC = ROOT / "app" / "static"
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 SECURITY_HEADERS = {
-    "strict-transport-security": "max-age=63072000; includeSubDomains",
+    "strict-transport-security": "max-age=63072000",  # includeSubDomains is opt-in
     "x-content-type-options": "nosniff",
     "content-security-policy": "frame-ancestors 'none'",
     "x-frame-options": "DENY",
@@ -98,8 +98,7 @@ class Edge:
             time.sleep(0.2)
 
     def env(self, service: str) -> dict[str, str]:
-        config = self.stack.inspect(service)["Config"]
-        return dict(item.split("=", 1) for item in config["Env"])
+        return self.stack.environment(service)
 
     @property
     def burst(self) -> int:

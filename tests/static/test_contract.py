@@ -68,6 +68,13 @@ def entrypoint_default(name: str) -> str:
     return match[1]
 
 
+def entrypoint_constant(name: str) -> str:
+    text = (ROOT / "nginx" / "docker-entrypoint.sh").read_text()
+    match = re.search(rf"^{name}=(\d+)", text, flags=re.MULTILINE)
+    assert match, f"nginx/docker-entrypoint.sh sets no {name}"
+    return match[1]
+
+
 def dockerfile_instruction(path: str, instruction: str) -> str:
     text = (ROOT / path).read_text().replace("\\\n", " ")
     found = re.findall(rf"^{instruction}\s+(.+)$", text, flags=re.MULTILINE)
@@ -118,6 +125,18 @@ def test_the_load_generator_waits_longer_than_nginx() -> None:
     assert match, "loadtests/locustfile.py sets no network_timeout"
     read = seconds(nginx_directive("proxy/app.conf", "proxy_read_timeout"))
     assert float(match[1]) > read, "Locust would give up before nginx answers 504"
+
+
+# ── file descriptors ────────────────────────────────────────────────────────
+
+
+def test_nginx_has_descriptors_for_every_connection_slot() -> None:
+    # worker_connections is rendered from the memory limit, capped by the entrypoint
+    most = int(entrypoint_constant("MAX_WORKER_CONNECTIONS"))
+    rlimit = int(nginx_directive("nginx.conf", "worker_rlimit_nofile"))
+    nofile = SERVICES["nginx"]["ulimits"]["nofile"]
+    # a proxied request holds two descriptors: the client's and the app's
+    assert 2 * most < rlimit <= int(nofile["soft"]) <= int(nofile["hard"])
 
 
 # ── ports ───────────────────────────────────────────────────────────────────

@@ -1,0 +1,124 @@
+"""One hostile client must not fail anyone else's request (issue 9's two attacks).
+
+A private stack (the attacks stress nginx; the shared stack's tests must not feel them).
+The attacker runs in a container on the stack's edge network, so it has its own address
+(tests/e2e/hostile_client.py, stdlib Python in the app image); the normal client is
+PacedTraffic from the host (through the published port: the edge network's gateway). The
+test stacks allow-list loopback only, so both are limited like any remote client.
+
+- uploads: 100 concurrent 1,000 KB POSTs. Before: nginx spooled the bodies to its 64 MiB
+  /tmp tmpfs and 23 got nginx's HTML 500 ("No space left on device"). Now bodies stay in
+  memory and one client has at most CONNECTION_LIMIT requests in progress: the rest get a
+  JSON 429, none a 500, and nothing is written to a temp file.
+- slow: 2,700 connections trickling their headers (slowloris) plus 100 trickling their
+  bodies. Before: 2 x 1,024 worker connections ran out and 120 of 300 normal requests
+  failed. Now: 4,096 per worker, the slow bodies past CONNECTION_LIMIT get a JSON 429.
+Both bounded: counts fixed, each attack stops by itself within a minute.
+Last, with the app stopped, nginx's 502/503/504 is the same JSON shape.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from traffic import PacedTraffic
+
+if TYPE_CHECKING:
+    from conftest import Stack, StackFactory
+
+pytestmark = pytest.mark.e2e
+
+ATTACKER = Path(__file__).with_name("hostile_client.py")
+UPLOADS, UPLOAD_BYTES = 100, 1_000 * 1024
+LORIS, SLOW_BODIES, HOLD_S = 2_700, 100, 40
+NORMAL_REQUESTS = 300
+DEFAULT_CONNECTION_LIMIT = 32  # nginx/docker-entrypoint.sh
+
+
+@pytest.fixture(scope="module")
+def hostile_stack(stack_factory: StackFactory) -> Stack:
+    return stack_factory.up("hostile")
+
+
+def attack(stack: Stack, *args: str) -> subprocess.Popen[str]:
+    """Start the attacker in a container on the edge network; it prints one JSON line."""
+    image = stack.inspect("app")["Config"]["Image"]
+    cmd = ["docker", "run", "--rm", "--network", f"{stack.project}_edge"]
+    cmd += ["-v", f"{stack.project}_tls-certs:/certs:ro", "--ulimit", "nofile=8192:8192"]
+    cmd += ["-v", f"{ATTACKER}:/attack.py:ro", "--entrypoint", "python", image, "/attack.py"]
+    return subprocess.Popen(
+        [*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def result_of(proc: subprocess.Popen[str], timeout: float) -> dict[str, object]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert proc.returncode == 0, f"attacker failed ({proc.returncode}): {err[-2000:]}"
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def connection_limit(stack: Stack) -> int:
+    return int(stack.environment("nginx").get("CONNECTION_LIMIT") or DEFAULT_CONNECTION_LIMIT)
+
+
+def test_concurrent_uploads_get_429_never_500_and_nobody_else_fails(hostile_stack: Stack) -> None:
+    stack = hostile_stack
+    with PacedTraffic(stack.client, duration=60, max_requests=NORMAL_REQUESTS) as traffic:
+        traffic.wait_for(10)
+        attacker = attack(stack, "uploads", str(UPLOADS), str(UPLOAD_BYTES))
+        seen = result_of(attacker, timeout=120)
+        traffic.wait_for(10)
+    statuses = dict(seen["statuses"])  # type: ignore[call-overload]
+    print(f"uploads: attacker saw {statuses}; normal client: {traffic.summary()}")
+    assert traffic.failures == [], traffic.summary()
+    assert "500" not in statuses, statuses
+    # Every upload is answered: by the app (its 422 for the over-long note), or a JSON 429.
+    assert set(statuses) <= {"201", "422", "429"}, statuses
+    assert sum(statuses.values()) == UPLOADS
+    assert statuses.get("429", 0) >= UPLOADS - connection_limit(stack), statuses
+    assert seen["bad_shape"] == 0, seen
+    spooled = [line for line in stack.logs("nginx") if "buffered to a temporary file" in line]
+    assert spooled == [], spooled[:3]
+
+
+def test_slow_connections_do_not_exhaust_nginx(hostile_stack: Stack) -> None:
+    stack = hostile_stack
+    attacker = attack(stack, "slow", str(LORIS), str(SLOW_BODIES), str(HOLD_S))
+    time.sleep(12)  # the connections are open and trickling
+    with PacedTraffic(stack.client, duration=HOLD_S, max_requests=NORMAL_REQUESTS) as traffic:
+        traffic.wait_for(NORMAL_REQUESTS, timeout=HOLD_S)
+    seen = result_of(attacker, timeout=HOLD_S + 60)
+    statuses = dict(seen["statuses"])  # type: ignore[call-overload]
+    print(f"slow: attacker saw {statuses}; normal client: {traffic.summary()}")
+    assert len(traffic.outcomes) >= NORMAL_REQUESTS
+    assert traffic.failures == [], traffic.summary()
+    # The attack really held that many connections at once (reopening those nginx cut
+    # after client_header_timeout), while the normal client ran.
+    assert statuses.get("loris peak", 0) >= 0.95 * LORIS, statuses
+    # Slow bodies past the per-client limit were refused with a JSON 429, nothing else.
+    answered = {k: v for k, v in statuses.items() if k.isdigit()}
+    assert set(answered) == {"429"}, statuses
+    assert answered["429"] >= SLOW_BODIES - connection_limit(stack), statuses
+    assert seen["bad_shape"] == 0, seen
+
+
+def test_app_down_is_answered_in_json(hostile_stack: Stack) -> None:
+    # Last in this module: it stops the private stack's app.
+    stack = hostile_stack
+    stack.compose("stop", "--timeout", "30", "app", timeout=90)
+    with stack.client(timeout=30) as client:
+        response = client.get("/api/hello", headers={"X-Request-ID": "app-down-1"})
+    assert response.status_code in (502, 503, 504), response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json()["request_id"] == "app-down-1" == response.headers["x-request-id"]
+    assert set(response.json()) == {"detail", "request_id"}
+    assert response.headers["x-content-type-options"] == "nosniff"
