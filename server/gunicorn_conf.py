@@ -9,7 +9,9 @@ https://docs.gunicorn.org/en/stable/settings.html
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 from server.logs import get_logger, log_startup_error
@@ -27,6 +29,7 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_settings.prometheus_multiproc_dir)
 
 from server import metrics
 from server.cpu import effective_cpus, worker_count
+from server.health import STATE
 
 # --- server socket ---------------------------------------------------------------------
 bind = [f"{_settings.host}:{_settings.port}"]
@@ -74,6 +77,7 @@ def on_starting(server: Any) -> None:
         worker_class=worker_class,
         timeout=timeout,
         graceful_timeout=graceful_timeout,
+        shutdown_delay=_settings.shutdown_delay,
         shutdown_timeout=_settings.shutdown_timeout,
         keepalive=keepalive,
         max_requests=max_requests,
@@ -87,10 +91,38 @@ def on_starting(server: Any) -> None:
     )
 
 
+def _drain_before_stop(server: Any) -> None:
+    """Master: on SIGTERM, answer /readyz 503 in every worker for SHUTDOWN_DELAY seconds
+    while they keep serving, then stop as gunicorn does (graceful, GRACEFUL_TIMEOUT).
+
+    Gunicorn has no hook before a stop: its main loop dispatches each queued signal to
+    the arbiter's `handle_<name>` method, so this wraps `handle_term` on the instance.
+    The first SIGTERM starts the drain and a timer; the timer's SIGTERM (or a second one
+    from the operator, to skip the rest) runs gunicorn's own handler. SIGINT and SIGQUIT
+    stay immediate, SIGHUP reloads do not drain.
+    """
+    stop = server.handle_term
+    delay = _settings.shutdown_delay
+
+    def handle_term() -> None:
+        if delay == 0 or STATE.draining:
+            _log.info("stopping", graceful_timeout=graceful_timeout)
+            stop()  # raises StopIteration: gunicorn's graceful stop
+            return
+        STATE.draining.set()
+        _log.info("draining before stop: /readyz answers 503", shutdown_delay=delay)
+        timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.daemon = True
+        timer.start()
+
+    server.handle_term = handle_term
+
+
 def when_ready(server: Any) -> None:
-    """Master, listening: serve metrics from a thread of the master."""
+    """Master, listening: drain before a stop; serve metrics from a thread of the master."""
     if metrics.MASTER.httpd is not None:  # already serving (a reload re-reads this file)
         return
+    _drain_before_stop(server)
     collector = metrics.MasterCollector(lambda: list(server.WORKERS), _settings.app_version)
     metrics.MASTER.collector = collector
     metrics.MASTER.httpd = metrics.start_metrics_server(

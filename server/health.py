@@ -3,34 +3,62 @@
 * `/healthz`: the process is alive and its event loop turns (liveness).
 * `/readyz`: the app's lifespan startup has finished and the worker is not shutting down
   (readiness): 503 before and after, so a proxy or orchestrator stops sending traffic.
+  Also 503 while the gunicorn master drains before a stop (SHUTDOWN_DELAY): every worker
+  still serves, but whoever routes by readiness has time to take this instance out first.
 
 They are neither logged nor counted: probes every few seconds would drown the signal.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import mmap
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from server.middleware import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["HEALTH_PATHS", "STATE", "HealthMiddleware", "ServerState"]
+__all__ = ["HEALTH_PATHS", "STATE", "HealthMiddleware", "ServerState", "SharedFlag"]
 
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class SharedFlag:
+    """One byte of anonymous shared memory: set in the gunicorn master, seen at once by
+    every worker forked from it (before or after), with no signal, file or lock."""
+
+    def __init__(self) -> None:
+        self._memory = mmap.mmap(-1, 1)  # MAP_SHARED | MAP_ANONYMOUS: survives fork
+
+    def set(self) -> None:
+        self._memory[0] = 1
+
+    def clear(self) -> None:
+        self._memory[0] = 0
+
+    def __bool__(self) -> bool:
+        return self._memory[0] == 1
 
 
 @dataclass
 class ServerState:
     started: bool = False
-    stopping: bool = False
+    stopping: bool = False  # this worker got its shutdown signal
+    draining: SharedFlag = field(default_factory=SharedFlag)  # the master is about to stop
 
     @property
     def ready(self) -> bool:
-        return self.started and not self.stopping
+        return self.started and not self.stopping and not self.draining
+
+    @property
+    def reason(self) -> str:
+        if self.stopping:
+            return "stopping"
+        return "draining" if self.draining else "starting"
 
 
-# One per worker process: the worker class flips `stopping` when it receives SIGTERM.
+# One per process, created in the gunicorn master when it loads the worker class, so the
+# `draining` memory is shared with every worker; each worker flips its own `stopping`.
 STATE = ServerState()
 
 
@@ -77,8 +105,7 @@ class HealthMiddleware:
         elif self.state.ready:
             status, body = 200, b'{"status":"ready"}'
         else:
-            reason = b"stopping" if self.state.stopping else b"starting"
-            status, body = 503, b'{"status":"' + reason + b'"}'
+            status, body = 503, b'{"status":"' + self.state.reason.encode() + b'"}'
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

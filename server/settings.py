@@ -47,8 +47,12 @@ class Settings(BaseSettings):
     web_concurrency: int | None = Field(None, ge=1, le=256, alias="WEB_CONCURRENCY")
     # Seconds a worker may go without a heartbeat before the master kills it.
     worker_timeout: Seconds = Field(30, alias="WORKER_TIMEOUT")
+    # Seconds the master answers /readyz 503 after SIGTERM, still serving, before it stops
+    # the workers: nginx's replica watcher (probing every second) or any readiness-driven
+    # router takes the instance out first. 0 stops at once. SIGHUP reloads skip it.
+    shutdown_delay: int = Field(5, ge=0, le=300, alias="SHUTDOWN_DELAY")
     # Seconds the master waits for workers after SIGTERM / a reload before SIGKILL.
-    graceful_timeout: Seconds = Field(25, alias="GRACEFUL_TIMEOUT")
+    graceful_timeout: Seconds = Field(28, alias="GRACEFUL_TIMEOUT")
     # Seconds uvicorn waits for in-flight requests on shutdown; must be < GRACEFUL_TIMEOUT.
     shutdown_timeout: Seconds = Field(20, alias="SHUTDOWN_TIMEOUT")
     # Idle keep-alive of the app's connections; outlives nginx's upstream keepalive_timeout.
@@ -121,6 +125,7 @@ _ACCEPTS = {
     "BACKLOG": "an integer from 16 to 65535",
     "WEB_CONCURRENCY": "an integer from 1 to 256, or empty to derive it from the CPU quota",
     "WORKER_TIMEOUT": "whole seconds from 1 to 3600",
+    "SHUTDOWN_DELAY": "whole seconds from 0 to 300 (0: no drain before a stop)",
     "GRACEFUL_TIMEOUT": "whole seconds from 1 to 3600",
     "SHUTDOWN_TIMEOUT": "whole seconds from 1 to 3600",
     "KEEPALIVE_TIMEOUT": "whole seconds from 1 to 3600",

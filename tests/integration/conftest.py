@@ -117,6 +117,8 @@ def start_server(tmp: Path, workers: int = 2, **env_overrides: str) -> Server:
         "WORKER_TMP_DIR": str(tmp),
         "LOG_FORMAT": "json",
         "PYTHONUNBUFFERED": "1",
+        # No drain before a stop unless a test asks for one: nothing routes by readiness here.
+        "SHUTDOWN_DELAY": "0",
         **env_overrides,
     }
     log_path = tmp / "server.log"

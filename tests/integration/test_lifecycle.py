@@ -115,6 +115,58 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tmp_path: Path
         orjson.loads(line)
 
 
+def test_sigterm_drains_readiness_first_while_serving(tmp_path: Path) -> None:
+    """SHUTDOWN_DELAY: after SIGTERM every worker answers /readyz 503 and serves normal
+    requests on fresh and kept-alive connections; /healthz stays 200; then the stop."""
+    delay = 3
+    server = start_server(tmp_path, SHUTDOWN_DELAY=str(delay))
+    server.wait_ready(workers=2)
+    workers = server.worker_pids()
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    with (
+        httpx.Client(base_url=server.url, timeout=5) as kept,
+        httpx.Client(base_url=server.url, timeout=5, limits=fresh) as client,
+    ):
+        assert kept.get("/readyz").status_code == 200  # a connection opened before the signal
+        server.process.terminate()
+        signalled = time.monotonic()
+        readiness: list[str] = []
+        others: set[tuple[int, int, int]] = set()
+        while server.process.poll() is None and time.monotonic() - signalled < delay - 0.5:
+            readiness.append(client.get("/readyz").json()["status"])
+            order = client.post("/api/orders", json={"item_id": 1, "quantity": 2})
+            healthz = client.get("/healthz")
+            hello = kept.get("/api/hello")
+            others.add((order.status_code, healthz.status_code, hello.status_code))
+            time.sleep(0.05)
+        # The drain is still on, in the same workers (fresh connections reach both).
+        assert server.process.poll() is None, "the master stopped before SHUTDOWN_DELAY"
+        assert server.worker_pids() == workers
+    # Ready until the master handled the signal, then draining for good; meanwhile every
+    # write, liveness probe and request on the old keep-alive connection succeeded.
+    flipped = readiness.index("draining")
+    assert set(readiness[:flipped]) <= {"ready"}, readiness
+    assert set(readiness[flipped:]) == {"draining"}, readiness
+    assert len(readiness) - flipped > 10, readiness
+    assert others == {(201, 200, 200)}
+    assert server.process.wait(timeout=30) == 0
+    events = [r["event"] for r in server.records()]
+    draining = events.index("draining before stop: /readyz answers 503")
+    assert draining < events.index("stopping") < events.index("Shutting down: Master")
+
+
+def test_a_second_sigterm_skips_the_rest_of_the_drain(tmp_path: Path) -> None:
+    server = start_server(tmp_path, SHUTDOWN_DELAY="60")
+    server.wait_ready(workers=2)
+    server.process.terminate()
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 503:
+        assert time.monotonic() < deadline, "never started draining"
+        time.sleep(0.05)
+    server.process.terminate()
+    assert server.process.wait(timeout=20) == 0
+
+
 def test_sighup_reload_replaces_workers_without_failing_a_request(tmp_path: Path) -> None:
     server = start_server(tmp_path)
     try:
@@ -160,6 +212,7 @@ def test_env_example_values_start_the_server(tmp_path: Path) -> None:
     )
     keep = {"WEB_CONCURRENCY", "LOG_LEVEL", "MAX_REQUESTS", "MAX_REQUESTS_JITTER", "BACKLOG"}
     keep |= {"WORKER_TIMEOUT", "GRACEFUL_TIMEOUT", "SHUTDOWN_TIMEOUT", "KEEPALIVE_TIMEOUT"}
+    keep |= {"SHUTDOWN_DELAY"}
     server = start_server(tmp_path, **{k: v for k, v in values.items() if k in keep})
     try:
         assert server.env["WEB_CONCURRENCY"] == ""

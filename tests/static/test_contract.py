@@ -86,8 +86,7 @@ def dockerfile_instruction(path: str, instruction: str) -> str:
 
 
 def test_timeouts_nest_from_the_app_to_docker() -> None:
-    # SHUTDOWN_DELAY (drain before stop, helper `edge`) adds to the app's side when present.
-    delay = getattr(DEFAULTS, "shutdown_delay", 0)
+    delay = DEFAULTS.shutdown_delay  # readiness 503 before the stop (drain)
     app_drain = delay + DEFAULTS.shutdown_timeout
     gunicorn = DEFAULTS.graceful_timeout
     nginx = seconds(nginx_directive("nginx.conf", "worker_shutdown_timeout"))
@@ -98,6 +97,8 @@ def test_timeouts_nest_from_the_app_to_docker() -> None:
         docker = seconds(SERVICES[service]["stop_grace_period"])
         ladder[f"compose {service} stop_grace_period"] = docker
         assert app_drain < gunicorn < nginx < docker, ladder
+        # gunicorn's GRACEFUL_TIMEOUT starts only when the drain ends
+        assert delay + gunicorn < docker, ladder
 
 
 # ── keep-alive and read timeouts ────────────────────────────────────────────

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import AsyncIterator
 
@@ -155,3 +156,35 @@ async def test_readiness_follows_the_lifespan() -> None:
         assert stopping.status_code == 503
         assert stopping.json() == {"status": "stopping"}
         assert (await c.post("/healthz")).status_code == 405
+
+
+@pytest.mark.anyio
+async def test_draining_answers_readyz_503_while_alive() -> None:
+    state = ServerState(started=True)
+    app = HealthMiddleware(_lifespan_app, state)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        assert (await c.get("/readyz")).status_code == 200
+        state.draining.set()
+        draining = await c.get("/readyz")
+        assert draining.status_code == 503
+        assert draining.json() == {"status": "draining"}
+        assert (await c.get("/healthz")).status_code == 200  # alive all the same
+        state.draining.clear()
+        assert (await c.get("/readyz")).status_code == 200
+
+
+def test_the_drain_flag_is_shared_with_forked_children() -> None:
+    state = ServerState(started=True)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a worker forked before the master starts to drain
+        os.close(write)
+        os.read(read, 1)  # until the parent has set the flag
+        os._exit(0 if not state.ready and state.reason == "draining" else 1)
+    os.close(read)
+    state.draining.set()
+    os.write(write, b"x")
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

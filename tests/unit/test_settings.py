@@ -38,6 +38,10 @@ def test_values_are_parsed_and_normalised() -> None:
     assert settings.app_module == "my_service.api:application"
 
 
+def test_shutdown_delay_zero_disables_the_drain() -> None:
+    assert load_settings({"SHUTDOWN_DELAY": "0"}).shutdown_delay == 0
+
+
 def test_empty_web_concurrency_means_auto() -> None:
     assert load_settings({"WEB_CONCURRENCY": ""}).web_concurrency is None
 
@@ -54,6 +58,9 @@ def test_empty_web_concurrency_means_auto() -> None:
         ("FORWARDED_ALLOW_IPS", "proxy.local", "a comma-separated list of IPs or CIDRs"),
         ("APP_MODULE", "app.main", 'an import string "module:attribute"'),
         ("MAX_REQUESTS", "-1", "an integer >= 0"),
+        ("SHUTDOWN_DELAY", "-1", "whole seconds from 0 to 300"),
+        ("SHUTDOWN_DELAY", "5s", "whole seconds from 0 to 300"),
+        ("SHUTDOWN_DELAY", "301", "whole seconds from 0 to 300"),
     ],
 )
 def test_invalid_value_names_variable_and_what_it_accepts(
