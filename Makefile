@@ -121,9 +121,13 @@ loadtest-docker: ## The same from Locust containers (LOADTEST_WORKERS=N); report
 	$(COMPOSE) --profile loadtest logs --no-log-prefix locust-master; \
 	$(COMPOSE) --profile loadtest cp locust-master:/loadtest/loadtests/reports/. loadtests/reports/; exit $$rc
 
+# The bench builds the images through compose: on a machine without a registry, BASE=local.
+BENCH_ENV := $(if $(filter local,$(BASE)),$(LOCAL_BASE))
+
 .PHONY: bench
-bench: install ## Benchmark (not a test): bare uvicorn vs gunicorn + serving layer vs nginx TLS, side by side
-	$(BIN)/python -m loadtests.bench $(ARGS)
+bench: install ## Benchmark (not a test): our layers side by side, pinned cores; report in bench/reports
+	bash scripts/ensure-compose.sh
+	$(BENCH_ENV) $(BIN)/python -m bench $(ARGS)
 
 .PHONY: up-monitoring
 up-monitoring: ## The stack plus Prometheus, the nginx exporter and Grafana (ports on 127.0.0.1)

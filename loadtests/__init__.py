@@ -1,5 +1,5 @@
-"""Load tests of the stack: Locust scenarios, SLO thresholds, the gate and a benchmark.
+"""Load tests of the stack, as a client sees it: Locust scenarios, SLO thresholds, the gate.
 
-`python -m loadtests` (make loadtest) runs the gate; `python -m loadtests.bench` (make bench)
-the side-by-side benchmark. See loadtests/README.md.
+`python -m loadtests` (make loadtest) runs the gate. See loadtests/README.md. (The
+white-box benchmark of the layers is bench/, `make bench`.)
 """

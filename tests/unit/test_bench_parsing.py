@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from loadtests.bench import analyse_profile, parse_wrk
+from bench.load import OutputError, parse_wrk
+from bench.profile import ProfileError, analyse_profile
 
 WRK = """\
 Running 10s test @ http://127.0.0.1:41234/api/hello
@@ -74,6 +75,36 @@ def test_profile_attributes_each_layer_its_own_share() -> None:
     assert "| server.health.HealthMiddleware | 3.0% |" in report
     assert "| server.middleware.ObservabilityMiddleware | 17.0% |" in report
     assert "| the app: FastAPI + Starlette, incl. writing the response | 38.0% |" in report
-    assert "| access line: log_access (render + write) | 10.0% |" in report
-    assert "|   of which the write(2): _write_line | 4.0% |" in report
+    assert "| access line: log_access (render + queue) | 10.0% |" in report
+    assert "|   of which the write(2) of a batch | 4.0% |" in report
     assert "| metrics: HttpMetrics.started + observe | 2.0% |" in report
+
+
+def test_wrk_output_without_latency_percentiles_is_an_error() -> None:
+    without = "\n".join(line for line in WRK.splitlines() if "%" not in line or "Stdev" in line)
+    with pytest.raises(OutputError, match="50% latency"):
+        parse_wrk(without)
+
+
+def test_unreadable_latency_unit_is_an_error() -> None:
+    with pytest.raises(OutputError, match=r"12\.40min"):
+        parse_wrk(WRK.replace("12.40ms", "12.40min"))
+
+
+def test_profile_without_a_layer_fails_loudly() -> None:
+    # As if HealthMiddleware's __call__ had been renamed: no sample shows it any more.
+    renamed = PROFILE.replace("HealthMiddleware.__call__", "HealthMiddleware.handle")
+    with pytest.raises(ProfileError, match=r"server\.health\.HealthMiddleware"):
+        analyse_profile(renamed)
+
+
+def test_profile_matches_the_file_as_well_as_the_name() -> None:
+    # A __call__ of the same class name in another file is not our middleware.
+    moved = PROFILE.replace("(server/middleware.py:90)", "(elsewhere/middleware.py:90)")
+    with pytest.raises(ProfileError, match="ObservabilityMiddleware"):
+        analyse_profile(moved)
+
+
+def test_empty_profile_is_an_error() -> None:
+    with pytest.raises(ProfileError, match="no samples"):
+        analyse_profile("")
