@@ -77,7 +77,7 @@ test-integration: install ## Integration tests: real gunicorn + uvicorn workers 
 	$(PYTEST) tests/integration -q -m integration
 
 .PHONY: test-static
-test-static: install ## Config checks in the real tools: nginx -t, promtool, compose config; the cross-component contract
+test-static: install ## Config checks in the real tools: nginx -t, promtool, compose config, kustomize + kubernetes-validate; the contract
 	bash scripts/ensure-compose.sh
 	bash scripts/base-images.sh nginx prometheus
 	NGINX_IMAGE=localbase/nginx:trixie bash nginx/check.sh
@@ -106,6 +106,16 @@ wheelhouse: ## Download the app's locked wheels to .cache/wheelhouse (image buil
 .PHONY: up
 up: ## Build and start the stack, wait until healthy (https://localhost)
 	$(COMPOSE) up --build --detach --wait
+
+# --- beyond one host (deploy/) ---------------------------------------------------------
+
+.PHONY: kubernetes
+kubernetes: install ## Render the production Kubernetes overlay to stdout (kubectl kustomize)
+	$(BIN)/kubectl kustomize deploy/kubernetes/overlays/production
+
+.PHONY: kubernetes-generate
+kubernetes-generate: install ## Rewrite the files derived from nginx/conf and the alert rules
+	$(BIN)/python deploy/kubernetes/generate.py
 
 # --- capacity ------------------------------------------------------------------------------
 
