@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import structlog
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from server import logs, metrics, middleware, request_id
+from server import logs, metrics, middleware, request_id, trace_context
 from server.health import HealthMiddleware
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ CONCERNS: tuple[tuple[str, tuple[Callable[..., object], ...]], ...] = (
     ),
     ("metrics: HttpMetrics.flush (mmap files)", (metrics.HttpMetrics.flush,)),
     ("request id: accept_or_generate", (request_id.accept_or_generate,)),
+    ("trace context: begin (parse traceparent, new span id)", (trace_context.begin,)),
     (
         "structlog bind/reset_contextvars",
         (structlog.contextvars.bind_contextvars, structlog.contextvars.reset_contextvars),

@@ -7,6 +7,14 @@ keep counting), and serves the aggregate on its own port from a thread. The mast
 runs application code, so /metrics answers even while every worker is stuck.
 https://prometheus.github.io/client_python/multiprocess/
 
+Exemplars: prometheus_client's multiprocess mode has none (its mmap values drop them), so
+each worker keeps the latest (trace id, seconds, time) per histogram bucket and writes them,
+with its flush, to `exemplars_<pid>.json` in the same directory (atomically: a new file,
+then rename). The master attaches the newest per bucket over all workers to the merged
+buckets; they are served when the scraper negotiates OpenMetrics (Prometheus does), as
+`... # {trace_id="..."} 0.73 1733000000.123`.
+https://github.com/prometheus/OpenMetrics/blob/main/specification/OpenMetrics.md#exemplars
+
 The master also exports what only it knows: live workers, worker restarts, build info, and
 CPU / memory / fds of every process in the container (multiprocess mode has no process
 collector).
@@ -16,21 +24,26 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import os
 import platform
 import shutil
 import struct
 import sys
 import threading
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar, Sample
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
-    from pathlib import Path
     from wsgiref.simple_server import WSGIServer
 
 __all__ = [
@@ -48,6 +61,9 @@ __all__ = [
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Every path no route matched shares this label value, so a scanner cannot create series.
 UNMATCHED_ROUTE = "<unmatched>"
+# The `le` label of each bucket index, as the merged histogram writes it.
+_BUCKET_LE = (*(floatToGoString(b) for b in HTTP_BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
+_EXEMPLAR_FILE = "exemplars_{pid}.json"
 _KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
@@ -100,6 +116,9 @@ class HttpMetrics:
         self._counts: dict[tuple[str, str, int], int] = {}
         self._buckets: dict[tuple[str, str], list[int]] = {}
         self._sums: dict[tuple[str, str], float] = {}
+        # Latest exemplar per (method, route, bucket index): (trace id, seconds, unix time).
+        self._exemplars: dict[tuple[str, str, int], tuple[str, float, float]] = {}
+        self._exemplars_changed = False
         self._active = 0
         self._written_active = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -108,8 +127,11 @@ class HttpMetrics:
         self._active += 1
         self._schedule()
 
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        """One finished request (also ends what `started` began)."""
+    def observe(
+        self, method: str, route: str, status: int, seconds: float, trace_id: str | None = None
+    ) -> None:
+        """One finished request (also ends what `started` began); its trace id becomes the
+        exemplar of its bucket."""
         self._active -= 1
         if method not in _KNOWN_METHODS:
             method = "OTHER"
@@ -120,8 +142,12 @@ class HttpMetrics:
         if buckets is None:
             buckets = self._buckets[hkey] = [0] * (len(HTTP_BUCKETS) + 1)
             self._sums[hkey] = 0.0
-        buckets[bisect.bisect_left(HTTP_BUCKETS, seconds)] += 1
+        index = bisect.bisect_left(HTTP_BUCKETS, seconds)
+        buckets[index] += 1
         self._sums[hkey] += seconds
+        if trace_id is not None:
+            self._exemplars[(method, route, index)] = (trace_id, seconds, time.time())
+            self._exemplars_changed = True
         self._schedule()
 
     def _schedule(self) -> None:
@@ -149,9 +175,60 @@ class HttpMetrics:
                 if count:
                     child._buckets[index].inc(count)
             child._sum.inc(sums[hkey])
+        if self._exemplars_changed:
+            self._exemplars_changed = False
+            self._write_exemplars()
         if self._active != self._written_active:
             self.in_progress.set(self._active)
             self._written_active = self._active
+
+    def _write_exemplars(self) -> None:
+        if self.registry is not None:  # one process: prometheus_client serves them itself
+            for (method, route, index), (trace_id, seconds, at) in self._exemplars.items():
+                bucket = self.duration.labels(method, route)._buckets[index]
+                bucket.set_exemplar(Exemplar({"trace_id": trace_id}, seconds, at))
+            return
+        directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        path = directory / _EXEMPLAR_FILE.format(pid=os.getpid())
+        rows = [[*key, *value] for key, value in self._exemplars.items()]
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(orjson.dumps(rows))
+        temporary.replace(path)  # atomic: the master reads the old file or the new one
+
+
+def read_exemplars(directory: Path) -> dict[tuple[str, str, str], Exemplar]:
+    """The newest exemplar per (method, route, le) over every worker's file."""
+    newest: dict[tuple[str, str, str], tuple[float, Exemplar]] = {}
+    for path in directory.glob(_EXEMPLAR_FILE.format(pid="*")):
+        try:
+            rows = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):  # gone with its dead worker
+            continue
+        for method, route, index, trace_id, seconds, at in rows:
+            key = (method, route, _BUCKET_LE[index])
+            if key not in newest or at > newest[key][0]:
+                newest[key] = (at, Exemplar({"trace_id": trace_id}, seconds, at))
+    return {key: exemplar for key, (_, exemplar) in newest.items()}
+
+
+def _with_exemplars(metrics: list[Metric], directory: Path) -> list[Metric]:
+    """The merged request-duration buckets with the newest exemplar of each attached."""
+    exemplars = read_exemplars(directory)
+    if not exemplars:
+        return metrics
+    for metric in metrics:
+        if metric.name != "http_request_duration_seconds":
+            continue
+        samples = []
+        for sample in metric.samples:
+            if sample.name.endswith("_bucket"):
+                labels = sample.labels
+                found = exemplars.get((labels["method"], labels["route"], labels["le"]))
+                if found is not None:
+                    sample = Sample(sample.name, labels, sample.value, None, found)  # noqa: PLW2901
+            samples.append(sample)
+        metric.samples = samples
+    return metrics
 
 
 def prepare_multiproc_dir(path: Path) -> None:
@@ -169,6 +246,11 @@ def mark_worker_dead(pid: int) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    # Its exemplars go too: the live workers' are as recent, and the directory stays bounded.
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        with contextlib.suppress(FileNotFoundError):
+            (Path(directory) / _EXEMPLAR_FILE.format(pid=pid)).unlink()
 
 
 # --- process metrics from /proc: the master, and every worker it supervises -------------
@@ -284,7 +366,8 @@ class _MultiProcessCollector(Collector):
                 except FileNotFoundError:
                     continue
             try:
-                return list(MultiProcessCollector.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
+                merged = list(MultiProcessCollector.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
+                return _with_exemplars(merged, self._path)
             except (OSError, struct.error):
                 if attempt == 2:
                     raise

@@ -1,9 +1,9 @@
-"""The per-request ASGI middleware: request id, access line, metrics, last-resort 500.
+"""The per-request ASGI middleware: request id, trace context, access line, metrics, 500.
 
 Pure ASGI (as Starlette's own middleware is written), not `BaseHTTPMiddleware`, which
 costs a task and a stream per request. One class does the four jobs because each layer
 of middleware costs time on every request; each job's logic lives in its own module
-(`server.request_id`, `server.metrics`, `server.logs`).
+(`server.request_id`, `server.trace_context`, `server.metrics`, `server.logs`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from server import request_id
+from server import request_id, trace_context
 from server.logs import flush_access_lines, get_logger, log_access
 from server.metrics import UNMATCHED_ROUTE, HttpMetrics
 
@@ -32,6 +32,9 @@ __all__ = ["ObservabilityMiddleware", "route_template"]
 _error_log = get_logger("server.errors")
 _bind = structlog.contextvars.bind_contextvars
 _reset = structlog.contextvars.reset_contextvars
+# Incoming headers the middleware sets itself.
+_REPLACED = frozenset({request_id.HEADER, trace_context.HEADER})
+_REPLACED_AND_STATE = _REPLACED | {trace_context.STATE_HEADER}
 
 
 def route_template(scope: Scope) -> str:
@@ -58,18 +61,23 @@ class ObservabilityMiddleware:
 
         started = time.perf_counter()
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        incoming = None
+        incoming_id = incoming_parent = None
         for name, value in headers:
             if name == request_id.HEADER:
-                incoming = value
-                break
-        rid = request_id.accept_or_generate(incoming)
+                incoming_id = value
+            elif name == trace_context.HEADER:
+                incoming_parent = value
+        rid = request_id.accept_or_generate(incoming_id)
         rid_bytes = rid.encode("ascii")
-        if incoming != rid_bytes:
-            # Let the app read the id it will be logged under from its request headers.
-            scope["headers"] = [h for h in headers if h[0] != request_id.HEADER]
-            scope["headers"].append((request_id.HEADER, rid_bytes))
-        tokens = _bind(request_id=rid)
+        span = trace_context.begin(incoming_parent, rid)
+        traceparent = span.header
+        # The app reads the id it is logged under, and the trace context to pass on (its
+        # span as the parent), from its request headers. A `tracestate` is kept only with
+        # the `traceparent` it belongs to.
+        dropped = _REPLACED if span.parent is not None else _REPLACED_AND_STATE
+        scope["headers"] = [h for h in headers if h[0] not in dropped]
+        scope["headers"] += ((request_id.HEADER, rid_bytes), (trace_context.HEADER, traceparent))
+        tokens = _bind(request_id=rid, trace_id=span.trace_id, span_id=span.span_id)
 
         status = 500
         response_started = False
@@ -79,7 +87,11 @@ class ObservabilityMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                message["headers"] = [*message.get("headers", ()), (request_id.HEADER, rid_bytes)]
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (request_id.HEADER, rid_bytes),
+                    (trace_context.HEADER, traceparent),
+                ]
             await send(message)
 
         metrics = self.metrics
@@ -96,7 +108,7 @@ class ObservabilityMiddleware:
             seconds = time.perf_counter() - started
             route = route_template(scope)
             method = scope["method"]
-            metrics.observe(method, route, status, seconds)
+            metrics.observe(method, route, status, seconds, span.trace_id)
             client = scope.get("client")
             log_access(
                 {

@@ -377,6 +377,35 @@ def test_request_id_is_the_same_in_response_nginx_log_and_app_log(
     assert app_line["client"] == nginx_line["remote_addr"] != "203.0.113.9"
 
 
+def test_nginx_starts_the_trace_with_its_request_id(edge: Edge, client: httpx.Client) -> None:
+    r = client.get("/api/hello", headers={"traceparent": "00-" + "0" * 32 + "-00f067aa0ba902b7-01"})
+    assert r.status_code == 200
+    rid = r.headers["x-request-id"]
+    # nginx's $request_id is the trace id; the app returns its own span of that trace.
+    returned = re.fullmatch(rf"00-{rid}-([0-9a-f]{{16}})-01", r.headers["traceparent"])
+    assert returned, r.headers["traceparent"]
+    nginx_line = edge.wait_record("nginx", by_id(rid))
+    app_line = edge.wait_record("app", by_id(rid))
+    assert nginx_line["trace_id"] == app_line["trace_id"] == rid
+    assert app_line["span_id"] == returned[1]
+
+
+def test_a_valid_incoming_trace_is_continued_through_nginx(
+    edge: Edge, client: httpx.Client
+) -> None:
+    trace_id = uuid.uuid4().hex
+    r = client.get(
+        "/api/hello",
+        headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-00", "tracestate": "a=b"},
+    )
+    assert r.status_code == 200
+    assert re.fullmatch(rf"00-{trace_id}-[0-9a-f]{{16}}-00", r.headers["traceparent"])
+    rid = r.headers["x-request-id"]
+    assert rid != trace_id
+    assert edge.wait_record("nginx", by_id(rid))["trace_id"] == trace_id
+    assert edge.wait_record("app", by_id(rid))["trace_id"] == trace_id
+
+
 @pytest.mark.parametrize(
     ("incoming", "kept"),
     [

@@ -96,6 +96,41 @@ def test_api_answers_and_errors(server: Server) -> None:
     assert exception[0]["frames"][-1]["name"] == "boom"
 
 
+def test_trace_context_is_continued_and_on_every_line_of_the_request(server: Server) -> None:
+    trace_id = secrets.token_hex(16)
+    sent = f"it-{secrets.token_hex(6)}"
+    response = httpx.post(
+        f"{server.url}/api/orders",
+        json={"item_id": 5, "quantity": 1},
+        headers={"X-Request-ID": sent, "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+        timeout=10,
+    )
+    assert response.status_code == 201
+    returned = re.fullmatch(rf"00-{trace_id}-([0-9a-f]{{16}})-01", response.headers["traceparent"])
+    assert returned, response.headers["traceparent"]
+    lines = _wait_for(
+        lambda: (
+            [r for r in server.records() if r.get("request_id") == sent]
+            if _access_lines(server, sent)
+            else []
+        )
+    )
+    # The app's own line and the access line: same trace, same span (the one returned).
+    assert {r["logger"] for r in lines} == {"app", "server.access"}
+    for record in lines:
+        assert record["trace_id"] == trace_id
+        assert record["span_id"] == returned[1]
+
+    # A forged one is replaced: a new trace, never the caller's bytes.
+    forged = httpx.get(
+        f"{server.url}/api/hello",
+        headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01-forged"},
+        timeout=10,
+    )
+    assert not forged.headers["traceparent"].startswith(f"00-{trace_id}-")
+    assert forged.headers["traceparent"].startswith(f"00-{forged.headers['x-request-id']}-")
+
+
 def test_request_id_is_returned_and_logged(server: Server) -> None:
     sent = f"it-{secrets.token_hex(6)}"
     response = httpx.post(

@@ -188,3 +188,20 @@ def test_the_drain_flag_is_shared_with_forked_children() -> None:
     os.close(write)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.anyio
+async def test_latency_buckets_carry_the_trace_id_as_exemplar(
+    client: httpx.AsyncClient, metrics: HttpMetrics
+) -> None:
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    response = await client.get("/api/hello")
+    trace_id = response.headers["traceparent"].split("-")[1]
+    metrics.flush()
+    assert metrics.registry is not None
+    text = generate_latest(metrics.registry).decode()
+    lines = [line for line in text.splitlines() if f'trace_id="{trace_id}"' in line]
+    assert len(lines) == 1, text
+    assert lines[0].startswith('http_request_duration_seconds_bucket{le="')
+    assert 'route="/api/hello"' in lines[0]
