@@ -103,9 +103,21 @@ wheelhouse: ## Download the app's locked wheels to .cache/wheelhouse (image buil
 
 # --- the stack -------------------------------------------------------------------------
 
+# The base images to build on: the configured (official) ones, or, where they cannot be
+# pulled, local ones built from Debian plus the wheelhouse (said in one line).
+PICK_BASE := bash scripts/pick-base-images.sh
+
 .PHONY: up
-up: ## Build and start the stack, wait until healthy (https://localhost)
-	$(COMPOSE) up --build --detach --wait
+up: ## Build and start the stack, wait until healthy (https://localhost); no registry: local bases
+	bases=$$($(PICK_BASE)) && env $$bases $(COMPOSE) up --build --detach --wait
+
+.PHONY: deploy
+deploy: ## Roll the app to the working tree and .env, no request lost; not ready in DEPLOY_TIMEOUT: undone
+	@$(PYTHON) scripts/deploy.py deploy
+
+.PHONY: rollback
+rollback: ## Roll the app back to the image that ran before the last deploy, the same way
+	@$(PYTHON) scripts/deploy.py rollback
 
 # --- beyond one host (deploy/) ---------------------------------------------------------
 
@@ -141,7 +153,7 @@ bench: install ## Benchmark (not a test): our layers side by side, pinned cores;
 
 .PHONY: up-monitoring
 up-monitoring: ## The stack plus Prometheus, the nginx exporter and Grafana (ports on 127.0.0.1)
-	$(COMPOSE) --profile monitoring up --build --detach --wait
+	bases=$$($(PICK_BASE) monitoring) && env $$bases $(COMPOSE) --profile monitoring up --build --detach --wait
 
 .PHONY: dashboard-preview
 dashboard-preview: ## Draw the dashboard's main panels from a live Prometheus into docs/dashboard.png

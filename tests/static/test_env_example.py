@@ -25,6 +25,7 @@ import yaml
 from loadtests.settings import load_settings as load_loadtest_settings
 from loadtests.settings import read_dotenv
 from server.settings import Settings
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / ".env.example"
@@ -103,6 +104,13 @@ def test_shown_defaults_are_the_nginx_entrypoints() -> None:
         )
         assert name in shown, f"{name} (nginx/docker-entrypoint.sh) is not in .env.example"
         assert shown[name] == ("" if derived else default), name
+
+
+def test_shown_defaults_are_the_deploy_scripts() -> None:
+    deploy = load_script("deploy")
+    shown = documented()
+    for name, default in deploy.DEFAULTS.items():
+        assert shown.get(name) == str(default), f"{name}: .env.example shows {shown.get(name)!r}"
 
 
 def test_every_variable_compose_reads_is_documented() -> None:
