@@ -1,4 +1,4 @@
-"""`python -m bench` (make bench): what each layer of the stack costs, side by side.
+"""`python -m bench` (make bench): our stack, its layers and the alternatives, side by side.
 
 A benchmark, not a test: it prints numbers and writes them down, it does not pass or fail.
 The server side is pinned to one core (BENCH_SERVER_CPU, default 0) and the load generator
@@ -14,19 +14,31 @@ so a starved run shows. The table goes to stdout and bench/reports/bench-<UTC ti
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.configs import Config, start_all, start_trees
-from bench.load import CAP_LUA, wrk
+from bench.configs import (
+    NOTES,
+    TREE_NOTES,
+    WRK,
+    Config,
+    Setup,
+    Started,
+    setups,
+    start_setup,
+    tree_setups,
+)
+from bench.load import CAP_LUA, Run, h2load, wrk
+from bench.plot import plot
 from bench.processes import say
 from bench.profile import ProfileError, profile_worker
 from bench.report import render, render_trees
 from bench.settings import Settings, SettingsError, load_settings
-from bench.tools import DEBIAN, build_images, ensure_debian_packages, ensure_py_spy
+from bench.tools import DEBIAN, TOOLS_BIN, build_images, ensure_debian_packages, ensure_tools
 
 REPORTS = Path(__file__).with_name("reports")
 
@@ -54,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
         "--profile-only", action="store_true", help="only the profile, no benchmark rounds"
     )
     parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="SETUP",
+        help="only these setups (and bare uvicorn, the reference): raw, gunicorn, no-log, "
+        "uvicorn-ssl, traefik, caddy, tiangolo, ours, ours-off, compose, compose-host",
+    )
+    parser.add_argument(
         "--trees",
         nargs="+",
         type=Path,
@@ -64,22 +83,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rounds(configs: list[Config], lua: Path, settings: Settings, rounds: int) -> None:
-    """Interleaved: every configuration once per round, each after its own warm-up."""
+def _measure(
+    config: Config, started: Started, seconds: int, *, work: Path, lua: Path, settings: Settings
+) -> Run:
+    if config.client == WRK:
+        driver = functools.partial(wrk, lua=lua)
+    else:
+        driver = functools.partial(h2load, log=work / "h2load.log")
+    return driver(
+        started.url, seconds, parts=started.parts, settings=settings, headers=config.headers
+    )
+
+
+def _rounds(setups: list[Setup], work: Path, lua: Path, settings: Settings, rounds: int) -> None:
+    """Interleaved: each setup started for its turn in every round; each of its configs
+    (one per client) measured after its own warm-up; then the setup is stopped."""
     for round_no in range(1, rounds + 1):
-        for config in configs:
-            say(f"round {round_no}/{rounds}: {config.name}")
-            parts = config.parts()
-            for seconds in (settings.warmup_seconds, settings.seconds):  # the last one counts
-                run = wrk(
-                    config.url,
-                    seconds,
-                    lua=lua,
-                    parts=parts,
-                    settings=settings,
-                    headers=config.headers,
-                )
-            config.runs.append(run)
+        for setup in setups:
+            started = start_setup(setup, work)
+            try:
+                for config in setup.configs:
+                    say(f"round {round_no}/{rounds}: {config.name} [{config.client}]")
+                    for seconds in (settings.warmup_seconds, settings.seconds):  # last counts
+                        run = _measure(
+                            config, started, seconds, work=work, lua=lua, settings=settings
+                        )
+                    config.runs.append(run)
+            finally:
+                started.stop()
+
+
+def _profile(work: Path, lua: Path, settings: Settings) -> str:
+    gunicorn = next(s for s in setups(settings) if s.name == "gunicorn")
+    started = start_setup(gunicorn, work)
+    try:
+        return profile_worker(started, lua, TOOLS_BIN / "py-spy", REPORTS, settings)
+    finally:
+        started.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,39 +133,37 @@ def main(argv: list[str] | None = None) -> int:
         say(problem)
         return 2
     ensure_debian_packages(DEBIAN)
-    py_spy = ensure_py_spy() if args.profile or args.profile_only else None
-    if not args.trees:
-        build_images(("nginx",))
+    ensure_tools()
+    if args.trees:
+        chosen = tree_setups([t.resolve() for t in args.trees], settings)
+        notes = TREE_NOTES
+    else:
+        build_images(("app", "nginx"))
+        chosen = setups(settings)
+        notes = NOTES
+    if args.only:
+        chosen = [s for s in chosen if s.name in args.only or s.name == "ceiling"]
     REPORTS.mkdir(exist_ok=True)
-    rounds = 0 if args.profile_only else settings.rounds
     profile = ""
-    # Metrics files, logs and sockets on tmpfs, like the containers' /tmp.
+    # Metrics files, logs and certificates on tmpfs, like the containers' /tmp.
     with tempfile.TemporaryDirectory(prefix="bench-", dir="/dev/shm") as tmp:
         work = Path(tmp)
         work.chmod(0o755)  # nginx (uid 101 in its container) reads the certificate here
         lua = work / "cap.lua"
         lua.write_text(CAP_LUA)
         lua.chmod(0o644)
-        configs: list[Config] = []
         try:
-            if args.trees:
-                trees = [t.resolve() for t in args.trees]
-                notes = start_trees(work, configs, trees, settings)
-            else:
-                notes = start_all(work, configs, settings)
-            _rounds(configs, lua, settings, rounds)
-            if py_spy is not None:
-                gunicorn = next(c for c in configs if c.role == "gunicorn")
-                profile = profile_worker(gunicorn, lua, py_spy, REPORTS, settings)
+            if not args.profile_only:
+                _rounds(chosen, work, lua, settings, settings.rounds)
+            if args.profile or args.profile_only:
+                profile = _profile(work, lua, settings)
         except ProfileError as error:
             say(f"profile: {error}")
             return 1
-        finally:
-            for config in reversed(configs):
-                config.server.stop()
     if args.profile_only:
         print(profile)
         return 0
+    configs = [c for s in chosen for c in s.configs]
     stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     if args.trees:
         report = render_trees(configs, notes, settings)
@@ -133,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report = render(configs, notes, profile, settings)
         path = REPORTS / f"bench-{stamp}.md"
+        plot(configs, path.with_suffix(".png"))
     path.write_text(report)
     print(report)
     say(f"written to {path}")

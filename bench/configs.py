@@ -1,21 +1,34 @@
-"""The configurations the benchmark compares: how each server side is started.
+"""The configurations the benchmark compares: how each server side starts, and with which
+clients it is measured.
 
-    raw ASGI        uvicorn + bench/asgi_app.py (same bytes as /api/hello): information
-    ceiling         bare uvicorn (uvloop, httptools, no access log) + app.main:app, no
-                    serving layer: the same endpoint, the same FastAPI work; the reference
-    gunicorn        gunicorn -c server/gunicorn_conf.py, 1 worker: our worker class,
-                    request-id/access-log/metrics middleware, JSON logs
-    gunicorn, no access log   the same with LOG_LEVEL=warning: what the access line costs
-    nginx TLS -> gunicorn     the shipped nginx service (its image, entrypoint and
-                    docker-compose.yml settings) on the host's network, pinned to the same
-                    core, in front of that gunicorn: HTTPS with keep-alive, as compose runs it
+A Setup is a server side (one or more processes or containers) that is started for its
+turn in a round and stopped after it; each of its Configs is one row of the report: the
+setup measured by one client (wrk: HTTP/1.1 keep-alive; h2load: HTTP/2 multiplexed, or
+HTTP/1.1 for a server without TLS). Starting each setup only for its turn keeps idle
+servers off the measured core and lets several nginx on the host's network (same ports)
+take turns.
 
-`--trees` instead: the ceiling and "gunicorn + serving layer" of each given checkout.
+Ours:
+    ceiling         bare uvicorn (uvloop, httptools, no access log) + app.main:app: the
+                    reference every ratio is taken to
+    gunicorn        gunicorn -c server/gunicorn_conf.py, 1 worker: our worker class and
+                    serving layer (request id, JSON access line, metrics)
+    ours            the shipped nginx service (image, entrypoint, docker-compose.yml
+                    settings) on the host's network in front of that gunicorn
+    ours, off       the same with nginx's access log, the app's access lines and its
+                    per-request HTTP metrics off: the price of those features
+    compose         the compose stack as it runs: app and nginx containers, Docker's bridge
+                    networks, the port published on 127.0.0.1
+    compose, host   the same containers on the host's network: what Docker's networking adds
+The peers, each as its users run it (bench/peers.py), in front of the same app.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
+import random
 import ssl
 import statistics
 import subprocess
@@ -26,50 +39,57 @@ from typing import TYPE_CHECKING
 
 from bench.processes import (
     Server,
+    docker_proxies,
     free_port,
     port_is_free,
-    say,
-    start_container_of,
+    start_compose,
     start_host,
     wait_ready,
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from bench.load import Run
     from bench.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-HOST_NGINX = Path(__file__).with_name("compose.host-nginx.yml")
 IMAGE_TAG = "bench"  # APP_VERSION of the images `make bench` builds (asgi-stack/*:bench)
 NGINX_PORTS = (8443, 8080, 8081)  # nginx/conf's listen ports: the host's, with network host
 REQUEST_ID = "X-Request-ID: bench-0123456789abcdef"  # well-formed: accepted, not generated
 DEFAULT_CONNECTION_LIMIT = 32  # nginx/docker-entrypoint.sh's CONNECTION_LIMIT default
+# Backend and edge subnets of the bench's compose stack: free /24s of this range.
+BENCH_SUBNETS = ipaddress.IPv4Network("10.243.0.0/16")
+
+WRK, H2LOAD = "wrk", "h2load"
 
 
-def connection_limit(settings: Settings) -> int:
-    """nginx's per-client limit of requests in progress for the bench's one client (all of
-    its connections, and each HTTP/2 stream, count): at least what the client keeps in
-    flight, so the benchmark never measures the limiter's 429s."""
-    return max(DEFAULT_CONNECTION_LIMIT, settings.connections * settings.streams)
+@dataclass
+class Started:
+    """A running setup: its parts (name -> server) and where to send the load."""
+
+    parts: dict[str, Server]
+    url: str
+    cafile: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for server in reversed(self.parts.values()):
+            server.stop()
 
 
 @dataclass
 class Config:
-    name: str
-    url: str
-    server: Server
-    runs: list[Run] = field(default_factory=list)
-    upstream: Server | None = None  # the gunicorn behind nginx: its CPU counts too
-    headers: tuple[str, ...] = ()  # sent by the load generator besides Host
-    role: str = ""  # ceiling | gunicorn | no-log | nginx | raw | tree (for the summary)
-    cafile: Path | None = None  # https: the certificate to trust
+    """One row of the report: a setup measured by one client."""
 
-    def parts(self) -> dict[str, Server]:
-        if self.upstream is None:
-            return {"server": self.server}
-        return {"nginx": self.server, "gunicorn": self.upstream}
+    name: str
+    role: str  # ceiling | gunicorn | no-log | ours | ours-off | peer | compose | tree | raw
+    client: str = WRK
+    headers: tuple[str, ...] = ()  # sent by the load generator besides Host
+    runs: list[Run] = field(default_factory=list)
 
     def median(self, attr: str) -> float:
         return float(statistics.median(getattr(r, attr) for r in self.runs))
@@ -81,24 +101,32 @@ class Config:
         return 1e6 / eff if eff else 0.0
 
 
+@dataclass
+class Setup:
+    name: str
+    start: Callable[[Path], Started]  # in its own work directory
+    configs: list[Config]
+
+
+def connection_limit(settings: Settings) -> int:
+    """nginx's per-client limit of requests in progress for the bench's one client (all of
+    its connections, and each HTTP/2 stream, count): at least what the client keeps in
+    flight, so the benchmark never measures the limiter's 429s."""
+    return max(DEFAULT_CONNECTION_LIMIT, settings.connections * settings.streams)
+
+
 UVICORN = [
     str(VENV_BIN / "uvicorn"),
-    "--loop",
-    "uvloop",
-    "--http",
-    "httptools",
-    "--no-access-log",
-    "--log-level",
-    "warning",
-    "--host",
-    "127.0.0.1",
+    *("--loop", "uvloop", "--http", "httptools", "--no-access-log"),
+    *("--log-level", "warning", "--host", "127.0.0.1"),
 ]
+GUNICORN = [str(VENV_BIN / "gunicorn"), "-c", "server/gunicorn_conf.py"]
 
 
 def server_env(work: Path, root: Path = ROOT, **extra: str) -> dict[str, str]:
     """The environment of a host server: this venv, its own metrics directory."""
-    multiproc = work / "metrics" / str(len(list(work.glob("metrics/*"))))
-    multiproc.mkdir(parents=True)
+    multiproc = work / "metrics"
+    multiproc.mkdir(parents=True, exist_ok=True)
     return {
         **os.environ,
         "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
@@ -129,8 +157,10 @@ def gunicorn_env(work: Path, port: int, root: Path = ROOT, **extra: str) -> dict
 def self_signed(directory: Path) -> Path:
     """A throw-away certificate for localhost, as fullchain.pem/privkey.pem (the nginx
     image's default names) in `directory`; returns the certificate to trust."""
-    directory.mkdir(mode=0o755)
+    directory.mkdir(mode=0o755, exist_ok=True)
     cert, key = directory / "fullchain.pem", directory / "privkey.pem"
+    if cert.exists():
+        return cert
     subprocess.run(
         [
             *("openssl", "req", "-x509", "-new", "-nodes", "-sha256", "-days", "2"),
@@ -148,93 +178,234 @@ def self_signed(directory: Path) -> Path:
     return cert
 
 
-def compose_env(project: str, settings: Settings, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "COMPOSE_PROJECT_NAME": project,
-        "APP_VERSION": IMAGE_TAG,
-        "BENCH_SERVER_CPU": str(settings.server_cpu),
-        "CONNECTION_LIMIT": str(connection_limit(settings)),
-        **extra,
-    }
+def host(name: str, argv: list[str], env: dict[str, str], work: Path, settings: Settings) -> Server:
+    log = work / f"{name.split(maxsplit=1)[0]}-{free_port()}.log"
+    return start_host(name, argv, env, log, cpu=settings.server_cpu, cwd=ROOT)
 
 
-def start_host_nginx(
-    work: Path, settings: Settings, upstream_port: int, project: str
-) -> tuple[Server, Path]:
-    """The shipped nginx service on the host's network in front of 127.0.0.1:upstream_port."""
+def ensure_nginx_ports() -> None:
     busy = [port for port in NGINX_PORTS if not port_is_free(port)]
     if busy:
         raise RuntimeError(
             f"ports {busy} are in use on this host: nginx on the host's network listens on "
             f"{NGINX_PORTS} (nginx/conf); stop what holds them"
         )
+
+
+# --- compose ----------------------------------------------------------------------------
+
+
+def compose_env(project: str, settings: Settings, certs: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "COMPOSE_PROJECT_NAME": project,
+        "APP_VERSION": IMAGE_TAG,
+        "BENCH_SERVER_CPU": str(settings.server_cpu),
+        "BENCH_CERTS": str(certs),
+        "CONNECTION_LIMIT": str(connection_limit(settings)),
+        "WEB_CONCURRENCY": "1",
+        "MAX_REQUESTS": "0",
+        **extra,
+    }
+
+
+def _used_subnets() -> list[ipaddress.IPv4Network]:
+    ids = subprocess.run(
+        ["docker", "network", "ls", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.split()
+    if not ids:
+        return []
+    out = subprocess.run(
+        ["docker", "network", "inspect", *ids],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    found = []
+    for network in json.loads(out):
+        for entry in (network.get("IPAM") or {}).get("Config") or []:
+            if "." in entry.get("Subnet", ""):
+                found.append(ipaddress.IPv4Network(entry["Subnet"], strict=False))
+    return found
+
+
+def free_subnets(count: int) -> list[str]:
+    used = _used_subnets()
+    candidates = [
+        net
+        for net in BENCH_SUBNETS.subnets(new_prefix=24)
+        if not any(net.overlaps(other) for other in used)
+    ]
+    if len(candidates) < count:
+        raise RuntimeError(f"no {count} free /24 subnets left in {BENCH_SUBNETS}")
+    return [str(net) for net in random.sample(candidates, count)]
+
+
+def _compose(*overrides: str) -> list[str]:
+    files = ["-f", str(COMPOSE_FILE)]
+    for name in overrides:
+        files += ["-f", str(HERE / name)]
+    return ["docker", "compose", *files]
+
+
+def start_ours(work: Path, settings: Settings, *, features: bool = True) -> Started:
+    """Our gunicorn on the host, the shipped nginx service on the host's network."""
+    ensure_nginx_ports()
+    port = free_port()
+    if features:
+        env = gunicorn_env(work, port, LOG_LEVEL="info")
+    else:
+        env = gunicorn_env(work, port, LOG_LEVEL="warning", HTTP_METRICS="off")
+    gunicorn = host("gunicorn", GUNICORN, env, work, settings)
     cafile = self_signed(work / "certs")
-    env = compose_env(
-        project, settings, BENCH_APP_PORT=str(upstream_port), BENCH_CERTS=str(cafile.parent)
+    overrides = ["compose.host-nginx.yml"] + ([] if features else ["compose.nginx-no-log.yml"])
+    project = f"bench-{os.getpid()}-nginx"
+    env = compose_env(project, settings, cafile.parent, BENCH_APP_PORT=str(port))
+    try:
+        nginx = start_compose("nginx", _compose(*overrides), ["nginx"], env, work / "nginx.log")
+    except BaseException:
+        gunicorn.stop()
+        raise
+    return Started(
+        {"nginx": nginx, "gunicorn": gunicorn}, "https://localhost:8443/api/hello", cafile
     )
-    files = ["-f", str(COMPOSE_FILE), "-f", str(HOST_NGINX)]
-    server = start_container_of(
-        "nginx (host network)", ["docker", "compose", *files], "nginx", env, work / "nginx.log"
-    )
-    return server, cafile
 
 
-def start_all(work: Path, configs: list[Config], settings: Settings) -> list[str]:
-    """Start every server (appending to `configs` as it goes, for the caller's cleanup)."""
-    cpu = settings.server_cpu
-
-    def add(name: str, argv: list[str], env: dict[str, str], port: int, role: str) -> Server:
-        server = start_host(name, argv, env, work / f"{len(configs)}.log", cpu=cpu, cwd=ROOT)
-        url = f"http://127.0.0.1:{port}/api/hello"
-        configs.append(Config(name, url, server, role=role))
-        return server
-
-    port = free_port()
-    argv = [*UVICORN, "--port", str(port), "bench.asgi_app:app"]
-    add("raw ASGI (uvicorn, info)", argv, server_env(work), port, "raw")
-    port = free_port()
-    argv = [*UVICORN, "--port", str(port), "app.main:app"]
-    add("ceiling: bare uvicorn + app.main", argv, server_env(work), port, "ceiling")
-    gunicorn = [str(VENV_BIN / "gunicorn"), "-c", "server/gunicorn_conf.py"]
-    upstream_port = free_port()
-    upstream = add(
-        "gunicorn + serving layer",
-        gunicorn,
-        gunicorn_env(work, upstream_port, LOG_LEVEL="info"),
-        upstream_port,
-        "gunicorn",
-    )
-    port = free_port()
-    env = gunicorn_env(work, port, LOG_LEVEL="warning")
-    add("gunicorn, access log off", gunicorn, env, port, "no-log")
-    nginx, cafile = start_host_nginx(work, settings, upstream_port, f"bench-{os.getpid()}")
-    configs.append(
-        Config(
-            "nginx TLS -> gunicorn (TCP keep-alive)",
-            "https://localhost:8443/api/hello",
-            nginx,
-            upstream=upstream,
-            role="nginx",
-            cafile=cafile,
+def start_stack(work: Path, settings: Settings, *, host_network: bool) -> Started:
+    """The compose stack (app + nginx containers) on Docker's networks or the host's."""
+    cafile = self_signed(work / "certs")
+    project = f"bench-{os.getpid()}-stack"
+    if host_network:
+        ensure_nginx_ports()
+        port = free_port()
+        env = compose_env(
+            project,
+            settings,
+            cafile.parent,
+            BENCH_APP_PORT=str(port),
+            BENCH_METRICS_PORT=str(free_port()),
         )
-    )
-    wait_all(configs)
+        compose = _compose("compose.host-nginx.yml", "compose.host-app.yml")
+        url = "https://localhost:8443/api/hello"
+    else:
+        port = free_port()
+        backend, edge = free_subnets(2)
+        env = compose_env(
+            project,
+            settings,
+            cafile.parent,
+            HTTPS_PORT=str(port),
+            HTTP_PORT=str(free_port()),
+            HTTP_BIND="127.0.0.1",
+            BACKEND_SUBNET=backend,
+            EDGE_SUBNET=edge,
+        )
+        compose = _compose("compose.stack.yml")
+        url = f"https://localhost:{port}/api/hello"
+    log = work / "stack.log"
+    nginx = start_compose("compose stack", compose, ["nginx", "app"], env, log)
+    try:
+        app = nginx.sibling("app")
+    except BaseException:
+        nginx.stop()
+        raise
+    parts = {"nginx": nginx, "app": app}
+    if not host_network:
+        proxies = docker_proxies(port, settings.server_cpu)
+        if proxies.fixed:
+            parts["docker-proxy"] = proxies
+    # One project: stopping nginx (compose down) stops the app too.
+    return Started(parts, url, cafile)
+
+
+# --- what is compared -----------------------------------------------------------------------
+
+
+def both(name: str, role: str) -> list[Config]:
+    return [Config(name, role, WRK), Config(name, role, H2LOAD)]
+
+
+def setups(settings: Settings) -> list[Setup]:
+    from bench import peers
+
+    def uvicorn_app(work: Path) -> Started:
+        port = free_port()
+        argv = [*UVICORN, "--port", str(port), "app.main:app"]
+        server = host("uvicorn", argv, server_env(work), work, settings)
+        return Started({"server": server}, f"http://127.0.0.1:{port}/api/hello")
+
+    def raw(work: Path) -> Started:
+        port = free_port()
+        argv = [*UVICORN, "--port", str(port), "bench.asgi_app:app"]
+        server = host("uvicorn", argv, server_env(work), work, settings)
+        return Started({"server": server}, f"http://127.0.0.1:{port}/api/hello")
+
+    def gunicorn(level: str) -> Callable[[Path], Started]:
+        def start(work: Path) -> Started:
+            port = free_port()
+            env = gunicorn_env(work, port, LOG_LEVEL=level)
+            server = host("gunicorn", GUNICORN, env, work, settings)
+            return Started({"server": server}, f"http://127.0.0.1:{port}/api/hello")
+
+        return start
+
     return [
-        "nginx: the shipped image and entrypoint (docker-compose.yml's nginx service, "
-        f"bench/compose.host-nginx.yml: host network, cpuset {cpu}), access log to "
-        f"Docker's json-file driver as in compose; CONNECTION_LIMIT={connection_limit(settings)}",
-        "gunicorn: 1 worker, MAX_REQUESTS=0 (no recycling during the run)",
+        Setup("raw", raw, [Config("raw ASGI (uvicorn, information)", "raw")]),
+        Setup("ceiling", uvicorn_app, both("bare uvicorn + app (the reference)", "ceiling")),
+        Setup("gunicorn", gunicorn("info"), [Config("gunicorn + serving layer", "gunicorn")]),
+        Setup("no-log", gunicorn("warning"), [Config("gunicorn, access log off", "no-log")]),
+        *peers.setups(settings),
+        Setup(
+            "ours",
+            lambda work: start_ours(work, settings),
+            both("ours: nginx TLS -> gunicorn + serving layer", "ours"),
+        ),
+        Setup(
+            "ours-off",
+            lambda work: start_ours(work, settings, features=False),
+            both("ours, access logs and HTTP metrics off", "ours-off"),
+        ),
+        Setup(
+            "compose",
+            lambda work: start_stack(work, settings, host_network=False),
+            both("ours, compose stack (bridge networks, published port)", "compose"),
+        ),
+        Setup(
+            "compose-host",
+            lambda work: start_stack(work, settings, host_network=True),
+            both("ours, compose stack on the host network", "compose-host"),
+        ),
     ]
 
 
-def wait_all(configs: list[Config]) -> None:
-    for config in configs:
-        context = None
-        if config.url.startswith("https"):
-            context = ssl.create_default_context(cafile=str(config.cafile))
-        wait_ready(config.server, config.url, context)
-    say("every server answers")
+def wait_started(name: str, started: Started) -> None:
+    context = None
+    if started.url.startswith("https"):
+        context = ssl.create_default_context(cafile=str(started.cafile))
+    for server in started.parts.values():
+        if server.exited():
+            raise RuntimeError(f"{name}: {server.name} exited:\n{server.output()}")
+    wait_ready(next(iter(started.parts.values())), started.url, context)
+
+
+def start_setup(setup: Setup, work: Path) -> Started:
+    directory = work / setup.name
+    directory.mkdir(exist_ok=True)
+    started = setup.start(directory)
+    try:
+        wait_started(setup.name, started)
+    except BaseException:
+        started.stop()
+        raise
+    return started
+
+
+# --- --trees ---------------------------------------------------------------------------------
 
 
 def _short_sha(tree: Path) -> str:
@@ -248,45 +419,74 @@ def _short_sha(tree: Path) -> str:
     return done.stdout.strip() or tree.name
 
 
-def start_trees(
-    work: Path, configs: list[Config], trees: list[Path], settings: Settings
-) -> list[str]:
+def tree_setups(trees: list[Path], settings: Settings) -> list[Setup]:
     """The ceiling, then "gunicorn + serving layer, 1 worker" of each tree (e.g. a git
     worktree of an older commit: its server/ and app/, this venv), each without and with
     an X-Request-ID header (behind nginx the header is always there)."""
-    cpu = settings.server_cpu
-    port = free_port()
-    argv = [*UVICORN, "--port", str(port), "app.main:app"]
-    ceiling = start_host("ceiling", argv, server_env(work), work / "ceiling.log", cpu=cpu, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}/api/hello"
-    configs.append(Config("ceiling: bare uvicorn + app.main", url, ceiling, role="ceiling"))
-    configs.append(
-        Config("ceiling + X-Request-ID", url, ceiling, headers=(REQUEST_ID,), role="ceiling")
-    )
+
+    def ceiling(work: Path) -> Started:
+        port = free_port()
+        argv = [*UVICORN, "--port", str(port), "app.main:app"]
+        server = host("ceiling", argv, server_env(work), work, settings)
+        return Started({"server": server}, f"http://127.0.0.1:{port}/api/hello")
+
+    def tree_gunicorn(tree: Path) -> Callable[[Path], Started]:
+        def start(work: Path) -> Started:
+            port = free_port()
+            env = gunicorn_env(work, port, tree, LOG_LEVEL="info")
+            log = work / "gunicorn.log"
+            # `gunicorn -c`: the oldest commits have no `python -m server`.
+            server = start_host("gunicorn", GUNICORN, env, log, cpu=settings.server_cpu, cwd=tree)
+            return Started({"server": server}, f"http://127.0.0.1:{port}/api/hello")
+
+        return start
+
+    result = [
+        Setup(
+            "ceiling",
+            ceiling,
+            [
+                Config("ceiling: bare uvicorn + app.main", "ceiling"),
+                Config("ceiling + X-Request-ID", "ceiling", headers=(REQUEST_ID,)),
+            ],
+        )
+    ]
     for tree in trees:
         sha = _short_sha(tree)
-        port = free_port()
-        server = start_host(
-            f"gunicorn @{sha}",
-            # `gunicorn -c`: the oldest commits have no `python -m server`.
-            [str(VENV_BIN / "gunicorn"), "-c", "server/gunicorn_conf.py"],
-            gunicorn_env(work, port, tree, LOG_LEVEL="info"),
-            work / f"{sha}.log",
-            cpu=cpu,
-            cwd=tree,
-        )
-        url = f"http://127.0.0.1:{port}/api/hello"
-        configs.append(Config(f"gunicorn @{sha}", url, server, role="tree"))
-        configs.append(
-            Config(
-                f"gunicorn @{sha} + X-Request-ID", url, server, headers=(REQUEST_ID,), role="tree"
+        result.append(
+            Setup(
+                f"tree-{sha}",
+                tree_gunicorn(tree),
+                [
+                    Config(f"gunicorn @{sha}", "tree"),
+                    Config(f"gunicorn @{sha} + X-Request-ID", "tree", headers=(REQUEST_ID,)),
+                ],
             )
         )
-    wait_all(configs)
-    return [
-        "each tree: gunicorn -c server/gunicorn_conf.py with cwd and PYTHONPATH = the tree "
-        "(its server/ and app/), this venv; 1 worker, MAX_REQUESTS=0, LOG_LEVEL=info",
-        "the ceiling serves this checkout's app.main",
-        f"`+ X-Request-ID`: wrk sends `{REQUEST_ID}` (well-formed: accepted, not generated); "
-        "ratios of those rows are to the ceiling with the same header",
-    ]
+    return result
+
+
+NOTES = [
+    "ours: the shipped nginx service (image, entrypoint, docker-compose.yml settings) on the "
+    "host's network (bench/compose.host-nginx.yml) in front of gunicorn -c "
+    "server/gunicorn_conf.py from the project's venv; access log to Docker's json-file "
+    "driver as in compose",
+    "every gunicorn and uvicorn: 1 worker (one core), MAX_REQUESTS=0 (no recycling during "
+    "a run); nginx's CONNECTION_LIMIT raised to the requests the one client keeps in flight",
+    "ours, off: LOG_LEVEL=warning and HTTP_METRICS=off for the app, nginx's access-log.conf "
+    "replaced by `access_log off` (bench/compose.nginx-no-log.yml)",
+    "compose stack: both containers from docker-compose.yml pinned to the server core "
+    "(bench/compose.stack.yml), WEB_CONCURRENCY=1; docker-proxy (the published port's "
+    "userland proxy) is pinned there too and its CPU counted; on the host network: the same "
+    "containers with network_mode host (bench/compose.host-app.yml)",
+    "the peers' proxies log no access lines by default (Traefik, Caddy); uvicorn's and "
+    "stock gunicorn's do",
+]
+
+TREE_NOTES = [
+    "each tree: gunicorn -c server/gunicorn_conf.py with cwd and PYTHONPATH = the tree "
+    "(its server/ and app/), this venv; 1 worker, MAX_REQUESTS=0, LOG_LEVEL=info",
+    "the ceiling serves this checkout's app.main",
+    f"`+ X-Request-ID`: wrk sends `{REQUEST_ID}` (well-formed: accepted, not generated); "
+    "ratios of those rows are to the ceiling with the same header",
+]

@@ -1,12 +1,19 @@
-"""The load driver: one bounded wrk run pinned to the client core, and what it measured.
+"""The load drivers: one bounded run pinned to the client core, and what it measured.
 
-Bounded three ways: wrk's own duration (-d), a request cap (a Lua script stops each wrk
-thread after BENCH_MAX_REQUESTS responses) and a hard timeout on the process. The server
-side's CPU time is read from /proc before and after, by part (e.g. nginx and gunicorn).
+wrk: HTTP/1.1 with keep-alive, BENCH_CONNECTIONS connections. Bounded by its duration (-d),
+a request cap (a Lua script stops each thread after BENCH_MAX_REQUESTS responses) and a
+hard timeout on the process.
+h2load: HTTP/2 over TLS with BENCH_CONNECTIONS / BENCH_STREAMS connections of
+BENCH_STREAMS concurrent streams each (the same requests in flight as wrk: a browser's
+few connections, multiplexed); HTTP/1.1 (--h1) to a server without TLS. Bounded by its
+duration (-D; h2load then ignores a request count: one core's rate over the duration
+bounds it) and the same hard timeout. Latency percentiles come from its per-request log.
+The server side's CPU time is read from /proc before and after, by part (nginx, gunicorn).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import resource
@@ -92,9 +99,32 @@ def parse_wrk(output: str) -> tuple[float, float, float, int, int]:
     return rps, p50, p99, requests, errors
 
 
+Figures = tuple[float, float, float, int, int]  # req/s, p50 ms, p99 ms, requests, errors
+
+
+def parse_h2load(output: str, log: str) -> Figures:
+    """req/s, p50 ms, p99 ms, requests, errors from h2load's summary and its --log-file
+    (per request: start µs, status, µs until the response ended; tab-separated)."""
+    rps = float(_find(r"finished in [\d.]+m?s, ([\d.]+) req/s", output, "req/s"))
+    done = int(_find(r"^requests: .*?(\d+) done", output, "requests done"))
+    failed = int(_find(r"^requests: .*?(\d+) failed", output, "requests failed"))
+    timeout = int(_find(r"^requests: .*?(\d+) timeout", output, "requests timed out"))
+    durations = sorted(int(line.split("\t")[2]) for line in log.splitlines() if line.strip())
+    if not durations:
+        raise OutputError("h2load's log holds no request")
+    p50, p99 = percentile(durations, 50) / 1000, percentile(durations, 99) / 1000
+    return rps, p50, p99, done, failed + timeout
+
+
+def percentile(ordered: list[int], pct: float) -> float:
+    """Nearest-rank percentile of ascending values."""
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return float(ordered[rank - 1])
+
+
 def measure(
     argv: list[str],
-    parse: Callable[[str], tuple[float, float, float, int, int]],
+    parse: Callable[[str], Figures],
     parts: dict[str, Server],
     settings: Settings,
     env: dict[str, str] | None = None,
@@ -167,3 +197,36 @@ def wrk(
     ]
     env = {**os.environ, "BENCH_MAX_REQUESTS": str(settings.max_requests)}
     return measure(argv, parse_wrk, parts, settings, env)
+
+
+def h2load(
+    url: str,
+    seconds: int,
+    *,
+    log: Path,
+    parts: dict[str, Server],
+    settings: Settings,
+    headers: tuple[str, ...] = (),
+) -> Run:
+    """One bounded h2load run (HTTP/2 over TLS; HTTP/1.1 to a plain-HTTP url) pinned to the
+    client core."""
+    h1 = url.startswith("http://")
+    streams = 1 if h1 else settings.streams
+    connections = max(1, settings.connections // streams)
+    argv = [
+        *("taskset", "-c", str(settings.client_cpu), "h2load"),
+        *(
+            "--threads",
+            "1",
+            "--clients",
+            str(connections),
+            "--max-concurrent-streams",
+            str(streams),
+        ),
+        *("--duration", str(seconds), "--log-file", str(log)),
+        *(arg for header in headers for arg in ("--header", header)),
+        *(["--h1"] if h1 else []),
+        url,
+    ]
+    log.unlink(missing_ok=True)
+    return measure(argv, lambda out: parse_h2load(out, log.read_text()), parts, settings)

@@ -37,6 +37,8 @@ def free_port() -> int:
 
 def port_is_free(port: int) -> bool:
     with socket.socket() as sock:
+        # As nginx binds: connections of a stopped one in TIME_WAIT do not hold the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("0.0.0.0", port))  # noqa: S104 - a test bind, closed at once
         except OSError:
@@ -91,6 +93,24 @@ class Server:
     container: str = ""  # docker container id
     compose: list[str] = field(default_factory=list)  # `docker compose -f ...` of its project
     compose_env: dict[str, str] = field(default_factory=dict)  # COMPOSE_PROJECT_NAME included
+    owned: bool = True  # started by `docker run` here: removed by its id on stop
+    fixed: tuple[int, ...] = ()  # processes started by someone else for us (docker-proxy)
+
+    def container_of(self, service: str) -> str:
+        """The container id of a service of this server's compose project."""
+        return subprocess.run(
+            [*self.compose, "ps", "--quiet", service],
+            capture_output=True,
+            text=True,
+            env=self.compose_env,
+            check=True,
+            timeout=60,
+        ).stdout.strip()
+
+    def sibling(self, service: str) -> Server:
+        """Another service of the same project: measured on its own, stopped with this one."""
+        container = self.container_of(service)
+        return Server(f"{self.name}: {service}", self.log, container=container, owned=False)
 
     def root_pid(self) -> int | None:
         if self.process is not None:
@@ -99,6 +119,8 @@ class Server:
         return int(out) if out.isdigit() and out != "0" else None
 
     def pids(self) -> list[int]:
+        if self.fixed:
+            return [pid for pid in self.fixed if Path(f"/proc/{pid}").exists()]
         pid = self.root_pid()
         if pid is None:
             return []
@@ -108,6 +130,8 @@ class Server:
             return []
 
     def exited(self) -> bool:
+        if self.fixed:
+            return not self.pids()
         if self.process is not None:
             return self.process.poll() is not None
         return self.root_pid() is None
@@ -128,7 +152,10 @@ class Server:
                 timeout=120,
             )
             return
-        if self.process is None or self.process.poll() is not None:
+        if self.container and self.owned:
+            _docker("rm", "--force", "--volumes", self.container)
+            return
+        if self.process is None or self.process.poll() is not None:  # or a compose sibling
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGTERM)  # the group we started
@@ -155,32 +182,62 @@ def start_host(
     return Server(name, log, process=process)
 
 
-def start_container_of(
-    name: str, compose: list[str], service: str, env: dict[str, str], log: Path
+def docker_proxies(host_port: int, cpu: int) -> Server:
+    """The userland proxies dockerd runs for a published host port, pinned to `cpu`: part
+    of the server side of a compose stack with a published port."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            argv = cmdline.read_bytes().split(b"\0")
+            if argv[0].endswith(b"docker-proxy") and str(host_port).encode() in argv:
+                found.append(int(cmdline.parent.name))
+    for pid in found:
+        subprocess.run(
+            ["taskset", "--all-tasks", "--pid", "--cpu-list", str(cpu), str(pid)],
+            capture_output=True,
+            check=True,
+            timeout=30,
+        )
+    return Server("docker-proxy", Path("/dev/null"), fixed=tuple(found), owned=False)
+
+
+def start_container(name: str, run_args: list[str], log: Path) -> Server:
+    """`docker run --detach` with these arguments (image and command last)."""
+    done = subprocess.run(
+        ["docker", "run", "--detach", *run_args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{name}: docker run failed:\n{done.stderr[-2000:]}")
+    return Server(name, log, container=done.stdout.strip())
+
+
+def start_compose(
+    name: str,
+    compose: list[str],
+    services: list[str],
+    env: dict[str, str],
+    log: Path,
 ) -> Server:
-    """`<compose> up --detach --no-deps <service>` (compose: the `docker compose -f ...`
-    prefix; env: its variables, COMPOSE_PROJECT_NAME included); the server is that
-    service's container, and stopping it takes the whole project down."""
+    """`<compose> up --detach --no-deps <services>` (compose: the `docker compose -f ...`
+    prefix; env: its variables, COMPOSE_PROJECT_NAME included). The server is the first
+    service's container; stopping it takes the whole project down."""
+    server = Server(name, log, compose=compose, compose_env=env)
     up = subprocess.run(
-        [*compose, "up", "--detach", "--no-deps", "--no-build", service],
+        [*compose, "up", "--detach", "--no-build", "--no-deps", *services],
         capture_output=True,
         text=True,
         env=env,
         check=False,
         timeout=300,
     )
-    server = Server(name, log, compose=compose, compose_env=env)
     if up.returncode != 0:
         server.stop()
         raise RuntimeError(f"{name}: compose up failed:\n{up.stderr[-2000:]}")
-    server.container = subprocess.run(
-        [*compose, "ps", "--quiet", service],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
+    server.container = server.container_of(services[0])
     return server
 
 

@@ -26,7 +26,7 @@ from server.hot_path import CONCERNS, LAYERS
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from bench.configs import Config
+    from bench.configs import Started
     from bench.settings import Settings
 
 APP_LAYER = ("the app: FastAPI + Starlette, incl. writing the response", FastAPI.__call__)
@@ -155,12 +155,13 @@ def analyse_profile(raw: str) -> str:
 
 
 def profile_worker(
-    config: Config, lua: Path, py_spy: Path, reports: Path, settings: Settings
+    started: Started, lua: Path, py_spy: Path, reports: Path, settings: Settings
 ) -> str:
-    """py-spy on the worker of `config` (a gunicorn) while wrk loads it."""
-    workers = [p for p in config.server.pids() if p != config.server.root_pid()]
+    """py-spy on the worker of a started gunicorn while wrk loads it."""
+    server = started.parts["server"]
+    workers = [p for p in server.pids() if p != server.root_pid()]
     if not workers:
-        raise ProfileError(f"{config.name}: no gunicorn worker found to profile")
+        raise ProfileError(f"{server.name}: no gunicorn worker found to profile")
     out = reports / f"profile-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.txt"
     seconds = min(settings.seconds, 10)
     record = subprocess.Popen(
@@ -175,7 +176,7 @@ def profile_worker(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    wrk(config.url, seconds, lua=lua, parts=config.parts(), settings=settings)
+    wrk(started.url, seconds, lua=lua, parts=started.parts, settings=settings)
     _, err = record.communicate(timeout=60)
     if record.returncode != 0 or not out.exists():
         raise ProfileError(f"py-spy failed: {err.decode(errors='replace')[-500:]}")

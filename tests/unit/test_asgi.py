@@ -205,3 +205,25 @@ async def test_latency_buckets_carry_the_trace_id_as_exemplar(
     assert len(lines) == 1, text
     assert lines[0].startswith('http_request_duration_seconds_bucket{le="')
     assert 'route="/api/hello"' in lines[0]
+
+
+@pytest.mark.anyio
+async def test_http_metrics_off_serves_without_recording(metrics: HttpMetrics) -> None:
+    # HTTP_METRICS=off: wrap() gets no metrics; requests keep their id and access line.
+    transport = httpx.ASGITransport(app=wrap(example_app, None))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as off:
+        response = await off.get("/api/hello")
+    assert response.status_code == 200
+    assert response.headers["x-request-id"]
+    assert (
+        _value(metrics, "http_requests_total", method="GET", route="/api/hello", status="200") == 0
+    )
+
+
+def test_http_metrics_setting_is_on_or_off() -> None:
+    from server.settings import SettingsError, load_settings
+
+    assert load_settings({"HTTP_METRICS": "OFF"}).http_metrics == "off"
+    assert load_settings({}).http_metrics == "on"
+    with pytest.raises(SettingsError, match="HTTP_METRICS='maybe' is invalid: expected on or off"):
+        load_settings({"HTTP_METRICS": "maybe"})

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from bench.configs import Config
-from bench.load import Run
-from bench.processes import Server
+from bench.configs import H2LOAD, WRK, Config
+from bench.load import OutputError, Run, parse_h2load, percentile
 from bench.report import render
 from bench.settings import SettingsError, load_settings
 
@@ -30,10 +27,8 @@ def run(rps: float, cpu: float, p99: float = 10.0, rss_mib: int = 50) -> Run:
     )
 
 
-def config(name: str, role: str, *runs: Run) -> Config:
-    return Config(
-        name, "http://127.0.0.1:1/api/hello", Server(name, Path("/dev/null")), list(runs), role=role
-    )
+def config(name: str, role: str, *runs: Run, client: str = WRK) -> Config:
+    return Config(name, role, client, runs=list(runs))
 
 
 def table_row(report: str, name: str) -> list[str]:
@@ -41,26 +36,74 @@ def table_row(report: str, name: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
-def test_ratios_are_to_the_ceilings_medians() -> None:
+def test_ratios_are_to_the_references_medians() -> None:
     configs = [
-        # medians: 4,000 req/s at 100 % CPU -> 4,000 per CPU-second, p99 10 ms
-        config("ceiling", "ceiling", run(3_000, 1.0), run(4_000, 1.0), run(9_000, 1.0)),
+        # medians: 4,000 req/s at 100 % CPU -> 4,000 per CPU-second, p99 10 ms, 50 MiB
+        config("uvicorn", "ceiling", run(3_000, 1.0), run(4_000, 1.0), run(9_000, 1.0)),
         # 2,000 req/s at 100 % -> 50 %, p99 20 ms -> 2.00 x
-        config("gunicorn", "gunicorn", run(2_000, 1.0, p99=20)),
-        config("no log", "no-log", run(2_500, 1.0)),
-        # half the core: 1,000 req/s is 2,000 per CPU-second
-        config("nginx", "nginx", run(1_000, 0.5, p99=5, rss_mib=120)),
+        config("peer", "peer", run(2_000, 1.0, p99=20)),
+        # half the core: 1,000 req/s is 2,000 per CPU-second... and ours does 3,000
+        config("ours", "ours", run(1_500, 0.5, p99=5, rss_mib=125)),
+        config("ours off", "ours-off", run(2_000, 0.5)),
     ]
     report = render(configs, ["a note"], "", SETTINGS)
-    ceiling, gunicorn, nginx = (table_row(report, n) for n in ("ceiling", "gunicorn", "nginx"))
-    assert ceiling[1:5] == ["4,000", "100%", "4,000", "100%"]
-    assert gunicorn[1:6] == ["2,000", "50%", "2,000", "50%", "500"]  # µs per request
-    assert gunicorn[8:10] == ["20.00", "2.00"]
-    assert nginx[1:5] == ["1,000", "25%", "2,000", "50%"]
-    assert nginx[10] == "120"  # peak RSS MiB
-    assert "req/s **25%** (per server CPU-second **50%**), p99 **0.50 x**" in report
-    assert "Access line (gunicorn with vs without): **20%**" in report
+    uvicorn, peer, ours = (table_row(report, n) for n in ("uvicorn", "peer", "ours"))
+    assert uvicorn[1:5] == ["4,000", "100%", "4,000", "100%"]
+    assert peer[1:6] == ["2,000", "50%", "2,000", "50%", "500"]  # µs per request
+    assert peer[7:9] == ["20.00", "2.00"]
+    assert ours[1:5] == ["1,500", "38%", "3,000", "75%"]
+    assert ours[9:11] == ["125", "2.50"]  # peak RSS MiB, x the reference's
+    assert "ours vs peer: per server CPU-second 3,000 vs 2,000 (**1.50 x**, ahead)" in report
+    assert "p99 5.00 vs 20.00 ms (no worse)" in report
+    assert "access logs + HTTP metrics cost +83 µs" in report  # 333 - 250
+    assert "**75%** per server CPU-second (target ≥ 60 %)" in report
     assert "- a note" in report
+
+
+def test_each_client_has_its_own_reference() -> None:
+    configs = [
+        config("uvicorn", "ceiling", run(4_000, 1.0)),
+        config("uvicorn", "ceiling", run(2_000, 1.0), client=H2LOAD),
+        config("ours", "ours", run(1_000, 1.0), client=H2LOAD),
+    ]
+    report = render(configs, [], "", SETTINGS)
+    h2 = report.split("## HTTP/2", 1)[1]
+    assert "| ours | 1,000 | 50% |" in h2
+
+
+def test_a_client_without_reference_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no bare-uvicorn row measured with h2load"):
+        render([config("ours", "ours", run(1_000, 1.0), client=H2LOAD)], [], "", SETTINGS)
+
+
+H2LOAD_OUT = """finished in 10.00s, 2334.50 req/s, 1.23MB/s
+requests: 23345 total, 23345 started, 23340 done, 23338 succeeded, 2 failed, 0 errored, 1 timeout
+status codes: 23338 2xx, 0 3xx, 2 4xx, 0 5xx
+"""
+
+
+def test_h2load_summary_and_log_are_read() -> None:
+    log = "".join(
+        f"1700000000{i:06d}\t200\t{us}\n" for i, us in enumerate(range(1000, 101000, 1000))
+    )
+    rps, p50, p99, requests, errors = parse_h2load(H2LOAD_OUT, log)
+    assert rps == pytest.approx(2334.50)
+    assert (p50, p99) == (pytest.approx(50.0), pytest.approx(99.0))
+    assert requests == 23340
+    assert errors == 3
+
+
+def test_h2load_without_requests_is_an_error() -> None:
+    with pytest.raises(OutputError, match="no request"):
+        parse_h2load(H2LOAD_OUT, "")
+    with pytest.raises(OutputError, match="req/s"):
+        parse_h2load("connect: Connection refused", "1\t200\t5\n")
+
+
+def test_nearest_rank_percentile() -> None:
+    assert percentile([1, 2, 3, 4], 50) == 2
+    assert percentile([1, 2, 3, 4], 99) == 4
+    assert percentile([7], 1) == 7
 
 
 def test_bad_setting_names_the_variable() -> None:
