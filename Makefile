@@ -129,6 +129,10 @@ kubernetes: install ## Render the production Kubernetes overlay to stdout (kubec
 kubernetes-generate: install ## Rewrite the files derived from nginx/conf and the alert rules
 	$(BIN)/python deploy/kubernetes/generate.py
 
+.PHONY: swarm-deploy
+swarm-deploy: ## Deploy the stack on this Swarm manager (TLS_CERT_FILE, TLS_KEY_FILE; deploy/swarm)
+	bash deploy/swarm/deploy.sh $${STACK_NAME:-asgi-stack}
+
 # --- capacity ------------------------------------------------------------------------------
 
 .PHONY: loadtest

@@ -1,0 +1,382 @@
+"""deploy/swarm live: a single-node swarm, the stack deployed, updated, hurt and scaled.
+
+The engine is put in swarm mode for this module only and ALWAYS taken out again
+(`docker swarm leave --force`): in the fixture's `finally`, and by `atexit` should the
+interpreter end some other way. A swarm this module did not create is never touched: if
+the engine is already in one, the tests fail and say so.
+
+What runs, in order, on one deployment (deploy/swarm/deploy.sh, the images this session
+built, a certificate made here as a versioned config + secret):
+
+- the stack answers over HTTPS (the certificate verified) and redirects :80;
+- `docker service update --image` to a second build under paced GET+POST traffic
+  (tests/e2e/traffic.py): start-first, gated by the healthcheck; 0 failed requests;
+- a killed app task is replaced (time measured: kill → a new task healthy);
+- scaled to 3, every replica serves requests that came through nginx.
+
+This machine has no IPVS: the app runs `endpoint_mode: dnsrr`, nginx publishes in host
+mode and follows `tasks.app` with its replica watcher (deploy/swarm/stack.yml).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import ipaddress
+import json
+import random
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+from conftest import NOTES, ROOT, TIMINGS, free_port, run, used_subnets
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from traffic import PacedTraffic
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+pytestmark = pytest.mark.e2e
+
+DEPLOY = ROOT / "deploy" / "swarm" / "deploy.sh"
+CONVERGE_TIMEOUT = 240  # an update: per task start (healthy ~5-10 s) + delay 5 s, monitor 30 s
+REPLICA_FOLLOW_TIMEOUT = 30
+
+
+# ── the swarm, its stack, and leaving it ──────────────────────────────────────────────
+
+
+def _swarm_state() -> str:
+    return run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"]).stdout.strip()
+
+
+def _free_pool() -> ipaddress.IPv4Network:
+    """A /16 for the swarm's networks that no docker network or host route touches."""
+    taken = used_subnets()
+    candidates = list(ipaddress.IPv4Network("10.192.0.0/12").subnets(new_prefix=16))
+    random.shuffle(candidates)
+    for net in candidates:
+        if not any(net.overlaps(other) for other in taken):
+            return net
+    raise RuntimeError("no free /16 in 10.192.0.0/12 for the swarm's address pool")
+
+
+def _certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate for localhost / 127.0.0.1 (two days)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "fullchain.pem", directory / "privkey.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+@dataclass
+class SwarmStack:
+    name: str
+    env: dict[str, str] = field(repr=False)
+    https_port: int
+    http_port: int
+    cafile: Path
+    images: dict[str, str]
+
+    def service(self, short: str) -> str:
+        return f"{self.name}_{short}"
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        kwargs.setdefault("timeout", 15)
+        return httpx.Client(
+            base_url=f"https://localhost:{self.https_port}",
+            verify=ssl.create_default_context(cafile=str(self.cafile)),
+            **kwargs,
+        )
+
+    def nginx_follows_replicas(self) -> bool:
+        """The nginx image has the replica watcher (its `nginx-upstreams` command)."""
+        (task,) = self.tasks("nginx")
+        probe = ["docker", "exec", task["Id"], "sh", "-c", "command -v nginx-upstreams"]
+        return run(probe, check=False).returncode == 0
+
+    def tasks(self, short: str) -> list[dict[str, Any]]:
+        """Containers of the service's running tasks on this node, newest first."""
+        ids = run(
+            [
+                "docker",
+                "ps",
+                "-q",
+                "--filter",
+                f"label=com.docker.swarm.service.name={self.service(short)}",
+            ]
+        ).stdout.split()
+        if not ids:
+            return []
+        found = json.loads(run(["docker", "inspect", *ids]).stdout)
+        return sorted(found, key=lambda c: c["Created"], reverse=True)
+
+    def healthy(self, short: str) -> list[dict[str, Any]]:
+        return [
+            c for c in self.tasks(short) if c["State"].get("Health", {}).get("Status") == "healthy"
+        ]
+
+    def wait_healthy(self, short: str, count: int, timeout: float = CONVERGE_TIMEOUT) -> float:
+        """Seconds until exactly `count` healthy tasks run (and no other)."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            tasks = self.tasks(short)
+            if len(tasks) == count and len(self.healthy(short)) == count:
+                return time.monotonic() - start
+            time.sleep(0.5)
+        ps = run(["docker", "service", "ps", "--no-trunc", self.service(short)], check=False)
+        raise AssertionError(f"{self.service(short)}: not {count} healthy tasks\n{ps.stdout}")
+
+    def logs(self, container_id: str) -> str:
+        proc = subprocess.run(
+            ["docker", "logs", container_id],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        return proc.stdout + proc.stderr
+
+
+def _leave(stack_name: str, created_gwbridge: bool) -> None:
+    """Remove the stack and leave the swarm; safe to call twice."""
+    if _swarm_state() == "inactive":
+        return
+    run(["docker", "stack", "rm", stack_name], check=False, timeout=120)
+    deadline = time.monotonic() + 60  # containers stop gracefully (stop_grace_period 40 s)
+    while time.monotonic() < deadline:
+        left = run(
+            ["docker", "ps", "-aq", "--filter", f"label=com.docker.stack.namespace={stack_name}"],
+            check=False,
+        ).stdout.split()
+        if not left:
+            break
+        time.sleep(1)
+    run(["docker", "swarm", "leave", "--force"], check=False, timeout=120)
+    if created_gwbridge:  # its endpoints go a moment after the node leaves
+        for _ in range(30):
+            if run(["docker", "network", "rm", "docker_gwbridge"], check=False).returncode == 0:
+                break
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def swarm(
+    e2e_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SwarmStack]:
+    state = _swarm_state()
+    if state != "inactive":
+        pytest.fail(
+            f"the engine is already in swarm mode ({state}): this test creates its own single-"
+            "node swarm and would not touch another one",
+            pytrace=False,
+        )
+    tag = e2e_env["APP_VERSION"]
+    name = f"e2e-{tag.removeprefix('e2e-')}-swarm"
+    env = dict(e2e_env)
+    # The images a stack cannot build: this session's, plus a second app build to update to.
+    build_start = time.monotonic()
+    compose = ["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "-p", name]
+    run([*compose, "build", "app", "nginx"], env=env, timeout=900)
+    run([*compose, "build", "app"], env={**env, "APP_VERSION": f"{tag}-v2"}, timeout=900)
+    TIMINGS["swarm: images built (app v1 + v2, nginx)"] = time.monotonic() - build_start
+    images = {
+        "app": f"{env['APP_IMAGE']}:{tag}",
+        "app-v2": f"{env['APP_IMAGE']}:{tag}-v2",
+        "nginx": f"{env['NGINX_IMAGE_NAME']}:{tag}",
+    }
+
+    pool = _free_pool()
+    backend = list(pool.subnets(new_prefix=24))[-1]
+    certs = tmp_path_factory.mktemp("swarm-certs")
+    cert_file, key_file = _certificate(certs)
+    https_port, http_port = free_port(), free_port()
+    env.update(
+        {
+            "STACK_NAME": name,
+            "TLS_CERT_FILE": str(cert_file),
+            "TLS_KEY_FILE": str(key_file),
+            "HTTPS_PORT": str(https_port),
+            "HTTP_PORT": str(http_port),
+            "BACKEND_SUBNET": str(backend),
+            "SERVER_NAMES": "localhost",
+        }
+    )
+    had_gwbridge = (
+        run(["docker", "network", "inspect", "docker_gwbridge"], check=False).returncode == 0
+    )
+    leave = atexit.register(_leave, name, not had_gwbridge)
+    try:
+        run(
+            [
+                "docker",
+                "swarm",
+                "init",
+                "--advertise-addr",
+                "127.0.0.1",
+                "--listen-addr",
+                "127.0.0.1:2377",
+                "--default-addr-pool",
+                str(pool),
+            ],
+            timeout=120,
+        )
+        start = time.monotonic()
+        run(["bash", str(DEPLOY), name], env=env, timeout=300)
+        stack = SwarmStack(name, env, https_port, http_port, cert_file, images)
+        stack.wait_healthy("app", 2)
+        stack.wait_healthy("nginx", 1)
+        _wait_serving(stack)
+        TIMINGS["swarm: init + stack deploy until HTTPS answers"] = time.monotonic() - start
+        yield stack
+    finally:
+        _leave(name, not had_gwbridge)
+        atexit.unregister(leave)
+        run(["docker", "image", "rm", images["app-v2"]], check=False)
+    assert _swarm_state() == "inactive", "the engine is still in swarm mode"
+
+
+def _wait_serving(stack: SwarmStack, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    with stack.client() as client:
+        while time.monotonic() < deadline:
+            try:
+                if client.get("/api/items/1").status_code == 200:
+                    return
+            except httpx.HTTPError as error:
+                last = repr(error)
+            time.sleep(0.5)
+    raise AssertionError(f"the stack does not answer over HTTPS: {last}")
+
+
+# ── the tests (in this order: each leaves the stack serving) ─────────────────────────────
+
+
+def test_stack_serves_https_and_redirects(swarm: SwarmStack) -> None:
+    with swarm.client() as client:
+        response = client.get("/api/items/1")
+    assert response.status_code == 200
+    assert response.json()["id"] == 1
+    plain = httpx.get(f"http://localhost:{swarm.http_port}/api/items/1", timeout=10)
+    assert plain.status_code == 308
+    assert plain.headers["location"] == f"https://localhost:{swarm.https_port}/api/items/1"
+    for short in ("app", "nginx"):
+        for task in swarm.tasks(short):
+            host = task["HostConfig"]
+            assert host["ReadonlyRootfs"] is True, short
+            assert host["CapDrop"] == ["ALL"], short
+            assert task["Config"]["User"] not in ("", "0", "root"), short
+
+
+def test_image_update_under_load_fails_no_request(swarm: SwarmStack) -> None:
+    if not swarm.nginx_follows_replicas():
+        pytest.skip(
+            "the nginx image has no replica watcher (nginx-upstreams): without it nginx keeps "
+            "the task addresses it resolved at start (measured: 824 of 1265 requests 502)"
+        )
+    service = swarm.service("app")
+    old = {t["Id"] for t in swarm.tasks("app")}
+    with PacedTraffic(swarm.client, duration=240, max_requests=4000) as traffic:
+        traffic.wait_for(30)
+        start = time.monotonic()
+        update = run(
+            [
+                "docker",
+                "service",
+                "update",
+                "--detach=false",
+                "--image",
+                swarm.images["app-v2"],
+                service,
+            ],
+            check=False,
+            timeout=CONVERGE_TIMEOUT,
+        )
+        seconds = time.monotonic() - start
+        traffic.wait_for(30)  # and a few seconds on the new tasks alone
+    assert update.returncode == 0, update.stdout + update.stderr
+    TIMINGS["swarm: docker service update --image (2 tasks, start-first)"] = seconds
+    NOTES.append(f"swarm update under paced traffic: {traffic.summary()}")
+    assert traffic.failures == [], traffic.summary()
+    assert len(traffic.succeeded) >= 200, traffic.summary()
+    spec = json.loads(run(["docker", "service", "inspect", service]).stdout)[0]
+    assert spec["UpdateStatus"]["State"] == "completed", spec["UpdateStatus"]
+    tasks = swarm.tasks("app")
+    assert len(tasks) == 2
+    assert not old & {t["Id"] for t in tasks}, "old tasks still run"
+    assert {t["Config"]["Image"].split("@")[0] for t in tasks} == {swarm.images["app-v2"]}
+
+
+def test_killed_task_is_replaced(swarm: SwarmStack) -> None:
+    victim = swarm.healthy("app")[0]["Id"]
+    start = time.monotonic()
+    run(["docker", "kill", victim])
+    while time.monotonic() - start < CONVERGE_TIMEOUT:
+        healthy = swarm.healthy("app")
+        if len(healthy) == 2 and victim not in {t["Id"] for t in healthy}:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the killed task was not replaced by a healthy one")
+    seconds = time.monotonic() - start
+    TIMINGS["swarm: killed app task → replacement healthy"] = seconds
+    NOTES.append(f"swarm: a killed app task was replaced, healthy after {seconds:.1f} s")
+    _wait_serving(swarm)
+
+
+def test_scaled_to_three_every_replica_serves(swarm: SwarmStack) -> None:
+    if not swarm.nginx_follows_replicas():
+        pytest.skip(
+            "the nginx image has no replica watcher (nginx-upstreams): without it nginx keeps "
+            "the task addresses it resolved at start (measured: 824 of 1265 requests 502)"
+        )
+    run(["docker", "service", "scale", "--detach=false", f"{swarm.service('app')}=3"], timeout=300)
+    swarm.wait_healthy("app", 3)
+    tasks = swarm.tasks("app")
+    seen: dict[str, int] = {}
+    deadline = time.monotonic() + REPLICA_FOLLOW_TIMEOUT
+    with PacedTraffic(swarm.client, duration=REPLICA_FOLLOW_TIMEOUT, max_requests=600) as traffic:
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            ids = [o.request_id for o in traffic.succeeded]
+            seen = {t["Id"][:12]: sum(rid in swarm.logs(t["Id"]) for rid in ids) for t in tasks}
+            if all(seen.values()):
+                break
+    assert traffic.failures == [], traffic.summary()
+    assert all(seen.values()), f"requests served per replica: {seen}"
+    NOTES.append(f"swarm: scaled to 3, requests per replica {sorted(seen.values())}")
