@@ -13,7 +13,8 @@ PYTEST := $(BIN)/pytest
 
 # `make up BASE=local`: build on the Debian-built base images (no registry needed).
 LOCAL_BASE := PYTHON_IMAGE=localbase/python:trixie NGINX_IMAGE=localbase/nginx:trixie \
-	PROMETHEUS_IMAGE=localbase/prometheus:trixie NGINX_EXPORTER_IMAGE=localbase/nginx-exporter:trixie
+	PROMETHEUS_IMAGE=localbase/prometheus:trixie NGINX_EXPORTER_IMAGE=localbase/nginx-exporter:trixie \
+	ALERTMANAGER_IMAGE=localbase/alertmanager:trixie
 ifeq ($(BASE),local)
 COMPOSE := $(LOCAL_BASE) docker compose
 endif
@@ -79,7 +80,7 @@ test-integration: install ## Integration tests: real gunicorn + uvicorn workers 
 .PHONY: test-static
 test-static: install ## Config checks in the real tools: nginx -t, promtool, compose config, kustomize + kubernetes-validate; the contract
 	bash scripts/ensure-compose.sh
-	bash scripts/base-images.sh nginx prometheus
+	bash scripts/base-images.sh nginx prometheus alertmanager
 	NGINX_IMAGE=localbase/nginx:trixie bash nginx/check.sh
 	$(PYTEST) tests/monitoring tests/static -q
 

@@ -9,9 +9,11 @@
 #   localbase/nginx:trixie           ~ nginx:1.27                      (user nginx 101:101, no default site)
 #   localbase/prometheus:trixie      ~ prom/prometheus                 (prometheus, promtool, user nobody)
 #   localbase/nginx-exporter:trixie  ~ nginx/nginx-prometheus-exporter (nginx-prometheus-exporter on PATH)
+#   localbase/alertmanager:trixie    ~ prom/alertmanager               (alertmanager, amtool, user nobody)
 #
 # The same Dockerfiles build on these and on the official images; they are passed as
-# build args (PYTHON_IMAGE, NGINX_IMAGE, PROMETHEUS_IMAGE, NGINX_EXPORTER_IMAGE).
+# build args (PYTHON_IMAGE, NGINX_IMAGE, PROMETHEUS_IMAGE, NGINX_EXPORTER_IMAGE,
+# ALERTMANAGER_IMAGE).
 #
 # Cache: every image is also tagged `localbase/<name>:recipe-<hash>`, the hash covering
 # its recipe (package list, hooks, image config) and the common build options. When that
@@ -19,7 +21,8 @@
 # Change a recipe and only that image is rebuilt. --force rebuilds anyway (e.g. to pick
 # up a Debian point release).
 #
-# Usage: scripts/base-images.sh [--force] [--jobs N] [name ...]   (names: python nginx prometheus nginx-exporter)
+# Usage: scripts/base-images.sh [--force] [--jobs N] [name ...]
+#        (names: python nginx prometheus nginx-exporter alertmanager)
 # Env:   DEBIAN_MIRROR (default http://deb.debian.org/debian)
 #        DEBIAN_SECURITY_MIRROR (default http://deb.debian.org/debian-security)
 #        BASE_IMAGES_JOBS (parallel builds, default 2: the work is mostly download + dpkg)
@@ -32,7 +35,7 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 JOBS=${BASE_IMAGES_JOBS:-2}
 FORCE=0
-ALL_IMAGES=(python nginx prometheus nginx-exporter)
+ALL_IMAGES=(python nginx prometheus nginx-exporter alertmanager)
 
 log() { printf '[base-images] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -105,6 +108,23 @@ recipe_nginx-exporter() {
     echo 'change USER nobody'
     echo 'change EXPOSE 9113'
     echo 'change ENTRYPOINT ["/usr/bin/nginx-prometheus-exporter"]'
+}
+
+recipe_alertmanager() {
+    # prom/alertmanager: the upstream binary name (Debian calls it prometheus-alertmanager),
+    # amtool, /bin/sh for the entrypoint, runs as nobody with its data in /alertmanager.
+    echo "pkg prometheus-alertmanager"
+    echo "pkg ca-certificates"
+    echo 'hook ln -sf prometheus-alertmanager "$1/usr/bin/alertmanager"'
+    echo 'hook mkdir -p "$1/alertmanager" && chown 65534:65534 "$1/alertmanager"'
+    echo 'hook rm -rf "$1/etc/init.d" "$1/etc/default/prometheus-alertmanager"'
+    echo "change ENV PATH=$PATH_DEFAULT"
+    echo 'change USER nobody'
+    echo 'change WORKDIR /alertmanager'
+    echo 'change EXPOSE 9093'
+    echo 'change VOLUME ["/alertmanager"]'
+    echo 'change ENTRYPOINT ["/usr/bin/alertmanager"]'
+    echo 'change CMD ["--config.file=/etc/alertmanager/alertmanager.yml", "--storage.path=/alertmanager"]'
 }
 
 # ── common mmdebstrap options (part of every image's hash) ──────────────────

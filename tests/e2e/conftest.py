@@ -49,6 +49,7 @@ LOCAL_BASE_IMAGES = {
     "NGINX_IMAGE": "localbase/nginx:trixie",
     "PROMETHEUS_IMAGE": "localbase/prometheus:trixie",
     "NGINX_EXPORTER_IMAGE": "localbase/nginx-exporter:trixie",
+    "ALERTMANAGER_IMAGE": "localbase/alertmanager:trixie",
 }
 # Backend subnets for test stacks: /24s of this range that no docker network or host
 # route uses (10.240.0.0/24 is the compose default, left to a real stack).

@@ -4,7 +4,11 @@ real Prometheus.
 - every query of every Grafana panel returns data after a burst of traffic;
 - the request count Prometheus reports for a burst is exactly what the client sent;
 - a worker killed with SIGKILL never makes a counter go down, and is counted as a restart;
-- AppTargetDown fires when the app is stopped (with the production rule, `for: 1m`).
+- Prometheus keeps the exemplars of the latency buckets: their trace ids are requests that
+  nginx and the app logged;
+- AppTargetDown fires when the app is stopped (with the production rule, `for: 1m`), reaches
+  a webhook receiver through Alertmanager, and its resolution follows when the app is back;
+  the Watchdog (the dead man's switch) reaches it too.
 
 Where Grafana's image cannot be had (no registry, E2E_BASE_IMAGES=local) it is not started;
 its queries are run against Prometheus all the same.
@@ -22,10 +26,12 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+from tests.e2e.receiver import URL as RECEIVER_URL
+from tests.e2e.receiver import Receiver
 from tests.monitoring import promql
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from tests.e2e.conftest import Stack, StackFactory
 
@@ -42,9 +48,23 @@ def monitored_stack(stack_factory: StackFactory) -> Stack:
     """A stack of our own (tests/e2e/conftest.py), monitoring profile on: these tests kill a
     worker and stop the app, and count every request the app serves. Grafana is left out
     where its image cannot be had (no registry); Prometheus runs its queries here."""
-    stack = stack_factory.up("monitoring", profiles=("monitoring",))
-    assert {"prometheus", "nginx-exporter"} <= set(stack.services())
+    stack = stack_factory.up(
+        "monitoring",
+        profiles=("monitoring",),
+        env={"ALERTMANAGER_WEBHOOK_URL": f"{RECEIVER_URL}/alerts"},
+    )
+    assert {"prometheus", "alertmanager", "nginx-exporter"} <= set(stack.services())
     return stack
+
+
+@pytest.fixture(scope="module")
+def receiver(monitored_stack: Stack) -> Iterator[Receiver]:
+    """The webhook the stack's Alertmanager posts to (tests/e2e/receiver.py)."""
+    started = Receiver.start(monitored_stack)
+    try:
+        yield started
+    finally:
+        started.stop()
 
 
 # ── Prometheus, through its HTTP API on the loopback port ───────────────────
@@ -106,7 +126,7 @@ def prometheus(monitored_stack: Stack) -> Prometheus:
     deadline = time.time() + 60
     while time.time() < deadline:  # first scrapes of every job
         up = {r["metric"]["job"]: r["value"][1] for r in prom.query("up")}
-        if up == {"app": "1", "nginx": "1", "prometheus": "1"}:
+        if up == {"app": "1", "nginx": "1", "prometheus": "1", "alertmanager": "1"}:
             return prom
         time.sleep(1)
     pytest.fail(f"targets not all up: {prom.query('up')}")
@@ -294,8 +314,58 @@ def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_app_target_down_fires_when_the_app_stops(
+def test_exemplars_are_trace_ids_of_requests_in_the_logs(
     monitored_stack: Stack, prometheus: Prometheus
+) -> None:
+    start = time.time()
+    send(monitored_stack, rounds=3)
+    prometheus.wait_for_app_scrape_after(time.time())
+    # The query the dashboard's latency panel asks exemplars for, as Grafana sends it.
+    (query,) = [q for q in promql.panel_queries() if q.exemplar]
+    response = httpx.get(
+        f"{prometheus.url}/api/v1/query_exemplars",
+        params={"query": query.promql(), "start": start - 1, "end": time.time() + 1},
+        timeout=10,
+    )
+    body = response.json()
+    assert body["status"] == "success", body
+    exemplars = [
+        (series["seriesLabels"], exemplar)
+        for series in body["data"]
+        for exemplar in series["exemplars"]
+    ]
+    assert exemplars, body
+    app_lines = {
+        r["trace_id"]: r
+        for r in monitored_stack.records("app")
+        if r.get("logger") == "server.access"
+    }
+    nginx_lines = {r["trace_id"]: r for r in monitored_stack.records("nginx") if r.get("trace_id")}
+    for labels, exemplar in exemplars:
+        trace_id = exemplar["labels"]["trace_id"]
+        # A request really made: the app logged it with that route, nginx with that id.
+        line = app_lines[trace_id]
+        assert line["route"] == labels["route"]
+        assert float(exemplar["value"]) <= float(labels["le"])
+        assert abs(float(exemplar["value"]) * 1000 - float(line["duration_ms"])) < 1
+        assert nginx_lines[trace_id]["request_id"] == line["request_id"]
+
+
+def _notifications(receiver: Receiver, alertname: str, status: str) -> list[dict[str, Any]]:
+    """Alertmanager webhook bodies (version 4) with `alertname` in `status`."""
+    found = []
+    for item in receiver.received():
+        if item.path != "/alerts":
+            continue
+        body = item.json()
+        for alert in body["alerts"]:
+            if alert["labels"]["alertname"] == alertname and alert["status"] == status:
+                found.append(body)
+    return found
+
+
+def test_app_target_down_fires_when_the_app_stops(
+    monitored_stack: Stack, prometheus: Prometheus, receiver: Receiver
 ) -> None:
     assert _alert_state(prometheus, "AppTargetDown") is None
     monitored_stack.compose("stop", "--timeout", "10", "app")
@@ -314,3 +384,34 @@ def test_app_target_down_fires_when_the_app_stops(
     assert time.time() - stopped >= 60
     # One page for one outage: NoWorkers leaves a down target to AppTargetDown.
     assert _alert_state(prometheus, "NoWorkers") is None
+
+    # Through Alertmanager to the webhook: pages wait group_wait (10s) at most.
+    fired_at = time.time()
+    _wait_for(
+        lambda: bool(_notifications(receiver, "AppTargetDown", "firing")),
+        timeout=60,
+        what="AppTargetDown at the webhook",
+    )
+    notified = time.time() - fired_at
+    (page,) = _notifications(receiver, "AppTargetDown", "firing")[:1]
+    assert page["receiver"] == "webhook"
+    assert page["groupLabels"] == {"alertname": "AppTargetDown", "severity": "critical"}
+    (alert,) = [a for a in page["alerts"] if a["labels"]["alertname"] == "AppTargetDown"]
+    assert alert["annotations"]["runbook_url"] == "monitoring/RUNBOOK.md#apptargetdown"
+
+    # The app returns: resolved within a scrape, an evaluation and the pages' group_interval.
+    monitored_stack.compose("start", "app")
+    back = time.time()
+    _wait_for(
+        lambda: bool(_notifications(receiver, "AppTargetDown", "resolved")),
+        timeout=SCRAPE_INTERVAL * 3 + 60 + 60,
+        what="AppTargetDown resolved at the webhook",
+    )
+    resolved = time.time() - back
+    # The dead man's switch reached it too (the heartbeat URL defaults to the webhook).
+    watchdog = _notifications(receiver, "Watchdog", "firing")
+    assert watchdog
+    assert watchdog[0]["receiver"] == "heartbeat"
+    print(
+        f"AppTargetDown: webhook {notified:.0f}s after firing, resolved {resolved:.0f}s after start"
+    )

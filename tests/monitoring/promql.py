@@ -67,7 +67,9 @@ PROMETHEUS_METRICS = frozenset(
         "prometheus_tsdb_compactions_failed_total",
     }
 )
-SCRAPED_METRICS = APP_METRICS | NGINX_EXPORTER_METRICS | PROMETHEUS_METRICS
+# Alertmanager 0.28's own, scraped by the `alertmanager` job.
+ALERTMANAGER_METRICS = frozenset({"alertmanager_notifications_failed_total"})
+SCRAPED_METRICS = APP_METRICS | NGINX_EXPORTER_METRICS | PROMETHEUS_METRICS | ALERTMANAGER_METRICS
 
 # Values Grafana substitutes before a query reaches Prometheus. The durations are the ones
 # Grafana computes for this stack: timeInterval 10s -> $__rate_interval >= 4 x 10s.
@@ -85,6 +87,7 @@ class PanelQuery:
     panel_title: str
     ref_id: str
     expr: str
+    exemplar: bool = False  # Grafana also asks /api/v1/query_exemplars and draws the dots
 
     @property
     def name(self) -> str:
@@ -137,6 +140,7 @@ def panel_queries() -> list[PanelQuery]:
                         panel_title=panel.get("title", ""),
                         ref_id=target.get("refId", ""),
                         expr=target.get("expr", ""),
+                        exemplar=bool(target.get("exemplar")),
                     )
                 )
     return queries

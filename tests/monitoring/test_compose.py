@@ -11,7 +11,7 @@ import pytest
 from tests.monitoring import promql
 
 COMPOSE = promql.load_yaml(promql.REPO / "docker-compose.yml")
-SERVICES = ("prometheus", "nginx-exporter", "grafana")
+SERVICES = ("prometheus", "alertmanager", "nginx-exporter", "grafana")
 
 
 def _service(name: str) -> dict[str, Any]:
@@ -38,6 +38,7 @@ def test_service_is_locked_down(name: str) -> None:
 def test_ports_are_the_documented_variables() -> None:
     assert _service("prometheus")["ports"] == ["127.0.0.1:${PROMETHEUS_PORT:-9090}:9090"]
     assert _service("grafana")["ports"] == ["127.0.0.1:${GRAFANA_PORT:-3000}:3000"]
+    assert _service("alertmanager")["ports"] == ["127.0.0.1:${ALERTMANAGER_PORT:-9093}:9093"]
     assert "ports" not in _service("nginx-exporter")
 
 
@@ -46,6 +47,10 @@ def test_images_are_pinned_build_arguments() -> None:
     assert args["PROMETHEUS_IMAGE"] == "${PROMETHEUS_IMAGE:-prom/prometheus:v2.53.3}"
     dockerfile = (promql.PROMETHEUS_DIR / "Dockerfile").read_text()
     assert "ARG PROMETHEUS_IMAGE=prom/prometheus:v2.53.3" in dockerfile
+    args = _service("alertmanager")["build"]["args"]
+    assert args["ALERTMANAGER_IMAGE"] == "${ALERTMANAGER_IMAGE:-prom/alertmanager:v0.28.1}"
+    dockerfile = (promql.MONITORING / "alertmanager" / "Dockerfile").read_text()
+    assert "ARG ALERTMANAGER_IMAGE=prom/alertmanager:v0.28.1" in dockerfile
     exporter = _service("nginx-exporter")["image"]
     assert exporter == "${NGINX_EXPORTER_IMAGE:-nginx/nginx-prometheus-exporter:1.4.1}"
     assert _service("grafana")["image"].startswith("${GRAFANA_IMAGE:-grafana/grafana:1")
@@ -66,6 +71,7 @@ def test_prometheus_reaches_the_app_and_the_host() -> None:
         f.startswith("--storage.tsdb.retention.size=${PROMETHEUS_RETENTION_SIZE") for f in flags
     )
     assert prometheus["healthcheck"]["test"][:3] == ["CMD", "promtool", "check"]
+    assert "--enable-feature=exemplar-storage" in flags
     assert "depends_on" not in prometheus, "monitoring must start even when the app does not"
 
 
@@ -91,3 +97,19 @@ def test_grafana_is_read_only_without_credentials() -> None:
     assert "./monitoring/grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
     assert "./monitoring/grafana/dashboards:/etc/grafana/dashboards:ro" in mounts
     assert grafana["networks"] == ["monitoring"]
+
+
+def test_prometheus_sends_alerts_to_alertmanager_and_scrapes_openmetrics() -> None:
+    prometheus = promql.load_yaml(promql.PROMETHEUS_DIR / "prometheus.yml")
+    targets = prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert targets == ["alertmanager:9093"]
+    jobs = {j["job_name"]: j for j in prometheus["scrape_configs"]}
+    # Exemplars exist only in OpenMetrics: the app's scrape asks for it first.
+    assert jobs["app"]["scrape_protocols"][0] == "OpenMetricsText1.0.0"
+    assert jobs["alertmanager"]["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    alertmanager = _service("alertmanager")
+    assert set(alertmanager["networks"]) <= set(_service("prometheus")["networks"])
+    # The receivers' URLs are settings, passed by name; no other variable reaches it.
+    assert alertmanager["environment"] == ["ALERTMANAGER_WEBHOOK_URL", "ALERTMANAGER_HEARTBEAT_URL"]
+    assert "--cluster.listen-address=" in alertmanager["command"]
+    assert alertmanager["healthcheck"]["test"][:2] == ["CMD", "amtool"]

@@ -99,3 +99,13 @@ def test_dashboards_cover_what_operators_look_at() -> None:
             f"p{quantile[2:]} over all routes"
         )
     assert any("sum by (le, route) (rate(" in e for e in exprs), "p95 by route"
+
+
+def test_the_latency_panel_shows_exemplars() -> None:
+    """Dots on the quantiles panel lead from a spike to a trace id (RUNBOOK "Follow a slow
+    request"): exactly one query asks, so each exemplar is drawn once."""
+    asking = [q for q in promql.panel_queries() if q.exemplar]
+    assert len(asking) == 1, [q.name for q in asking]
+    (query,) = asking
+    assert query.panel_title == "Latency p50 / p95 / p99"
+    assert "http_request_duration_seconds_bucket" in promql.metric_names(query.promql())

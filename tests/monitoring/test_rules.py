@@ -14,6 +14,8 @@ from tests.monitoring import promql
 ALERTS = promql.alert_rules()
 RUNBOOK = promql.MONITORING / "RUNBOOK.md"
 SEVERITIES = {"critical", "warning", "info"}
+# The dead man's switch: always firing, routed on its own, never inhibited.
+HEARTBEAT = "Watchdog"
 REQUIRED_ALERTS = {
     "AppTargetDown",
     "NginxTargetDown",
@@ -22,6 +24,7 @@ REQUIRED_ALERTS = {
     "NoWorkers",
     "WorkerSaturation",
     "FrequentWorkerRestarts",
+    HEARTBEAT,
 }
 
 
@@ -41,7 +44,10 @@ def test_required_alerts_exist() -> None:
 
 @pytest.mark.parametrize("alert", ALERTS, ids=lambda a: a["alert"])
 def test_alert_is_documented(alert: dict[str, Any]) -> None:
-    assert alert["labels"]["severity"] in SEVERITIES
+    if alert["alert"] == HEARTBEAT:
+        assert alert["labels"]["severity"] == "none"
+    else:
+        assert alert["labels"]["severity"] in SEVERITIES
     annotations = alert["annotations"]
     assert annotations["summary"]
     assert annotations["description"]
@@ -55,6 +61,9 @@ def test_alert_is_documented(alert: dict[str, Any]) -> None:
 def test_alert_has_unit_tests_that_fire_and_stay_quiet(alert: dict[str, Any]) -> None:
     cases = [t for t in _alert_tests() if t["alertname"] == alert["alert"]]
     assert any(t.get("exp_alerts") for t in cases), "no promtool test where it fires"
+    if alert["alert"] == HEARTBEAT:
+        assert all(t.get("exp_alerts") for t in cases), "the heartbeat never stays quiet"
+        return
     assert any(not t.get("exp_alerts") for t in cases), "no promtool test where it stays quiet"
 
 

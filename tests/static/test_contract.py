@@ -220,6 +220,7 @@ def test_rules_and_dashboards_query_only_exported_names(source: str) -> None:
         exported_metric_names()
         | promql.NGINX_EXPORTER_METRICS
         | promql.PROMETHEUS_METRICS
+        | promql.ALERTMANAGER_METRICS
         | promql.recorded_names()
     )
     if source == "rules":

@@ -30,6 +30,7 @@ from tests.scripts import load_script
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / ".env.example"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+ALERTMANAGER_ENTRYPOINT = ROOT / "monitoring" / "alertmanager" / "entrypoint.sh"
 ENTRYPOINT = ROOT / "nginx" / "docker-entrypoint.sh"
 PROFILES = ("monitoring", "loadtest")
 DOCUMENTED = re.compile(r"^# ([A-Z][A-Z0-9_]*)=(.*)$")
@@ -136,6 +137,9 @@ def test_each_service_gets_only_what_it_reads() -> None:
         "app": {str(field.alias) for field in Settings.model_fields.values()},
         "nginx": set(entrypoint_defaults()),
         "locust-master": loadtest_variables(),
+        "alertmanager": set(
+            re.findall(r"\$\{(ALERTMANAGER_\w+)", ALERTMANAGER_ENTRYPOINT.read_text())
+        ),
     }
     services = compose_spec()["services"]
     for name, reads in readers.items():
