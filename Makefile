@@ -63,6 +63,7 @@ lint: install ## Static checks: ruff, mypy, hadolint, docker compose config
 	bash scripts/lint-dockerfiles.sh
 	bash scripts/ensure-compose.sh
 	$(COMPOSE) --profile monitoring --profile loadtest config --quiet
+	$(DEV_COMPOSE) config --quiet
 
 # --- tests -----------------------------------------------------------------------------
 
@@ -133,6 +134,17 @@ kubernetes-generate: install ## Rewrite the files derived from nginx/conf and th
 .PHONY: swarm-deploy
 swarm-deploy: ## Deploy the stack on this Swarm manager (TLS_CERT_FILE, TLS_KEY_FILE; deploy/swarm)
 	bash deploy/swarm/deploy.sh $${STACK_NAME:-asgi-stack}
+
+# Development: production's compose file plus compose.dev.yml, named here only (compose
+# never loads it by itself). `make up` afterwards puts production's containers back.
+DEV_COMPOSE := $(COMPOSE) -f docker-compose.yml -f compose.dev.yml
+
+.PHONY: dev
+dev: ## The stack for development: code mounted, workers reload on save, console logs; follows the logs
+	$(DEV_COMPOSE) up --build --detach --wait
+	@echo "serving https://$$($(DEV_COMPOSE) port nginx 8443) - edit app/ and reload the page;" \
+	  "Ctrl-C stops following the logs, make down stops the stack"
+	$(DEV_COMPOSE) logs --follow --tail=20 app nginx
 
 # --- capacity ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from server.health import STATE, HealthMiddleware
 from server.logs import get_logger
 from server.metrics import HttpMetrics
 from server.middleware import ObservabilityMiddleware
+from server.reloader import failed_app
 from server.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -36,7 +37,15 @@ APP_LOAD_ERROR = 4  # gunicorn's Arbiter.APP_LOAD_ERROR: the master halts instea
 def create_app(settings: Settings) -> ASGIApp:
     try:
         user_app: ASGIApp = import_from_string(settings.app_module)
-    except ImportFromStringError as error:
+    except Exception as error:
+        if settings.reload:  # development: keep serving until a save fixes it
+            get_logger("server.asgi").exception(
+                "cannot load the application; answering 503 until the next change",
+                app_module=settings.app_module,
+            )
+            return wrap(failed_app(error))
+        if not isinstance(error, ImportFromStringError):
+            raise
         get_logger("server.asgi").critical(
             "cannot load the application", app_module=settings.app_module, error=str(error)
         )

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from server.logs import get_logger, log_startup_error
@@ -27,7 +28,7 @@ except SettingsError as _error:
 # directory before anything imports it.
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_settings.prometheus_multiproc_dir)
 
-from server import metrics
+from server import metrics, reloader
 from server.cpu import effective_cpus, worker_count
 from server.health import STATE
 
@@ -47,6 +48,7 @@ max_requests_jitter = _settings.max_requests_jitter  # so workers do not recycle
 worker_tmp_dir = str(_settings.worker_tmp_dir)  # heartbeat files on a tmpfs, not overlayfs
 forwarded_allow_ips = _settings.forwarded_allow_ips  # whose X-Forwarded-* to trust
 preload_app = False  # each worker imports the app itself: reload picks up new code
+reload = False  # gunicorn's own misses uvicorn workers; RELOAD uses server.reloader instead
 
 # --- logging ---------------------------------------------------------------------------
 logger_class = "server.logs.GunicornLogger"
@@ -86,6 +88,7 @@ def on_starting(server: Any) -> None:
         forwarded_allow_ips=forwarded_allow_ips,
         log_level=loglevel,
         log_format=_settings.log_format,
+        reload=_settings.reload,
         metrics=f"{_settings.metrics_host}:{_settings.metrics_port}",
         prometheus_multiproc_dir=str(_settings.prometheus_multiproc_dir),
     )
@@ -132,6 +135,8 @@ def when_ready(server: Any) -> None:
         collector,
     )
     _log.info("metrics listening", address=f"{_settings.metrics_host}:{_settings.metrics_port}")
+    if _settings.reload:  # development (compose.dev.yml): SIGHUP to ourselves on a change
+        reloader.start_watching(_settings.app_module, reread=Path(__file__))
 
 
 def post_fork(server: Any, worker: Any) -> None:

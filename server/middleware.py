@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     Send = Callable[[Message], Awaitable[None]]
     ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-__all__ = ["ObservabilityMiddleware", "route_template"]
+__all__ = ["ObservabilityMiddleware", "route_template", "send_json"]
 
 _error_log = get_logger("server.errors")
 _bind = structlog.contextvars.bind_contextvars
@@ -103,7 +103,8 @@ class ObservabilityMiddleware:
             _error_log.exception("unhandled exception", method=scope["method"], path=scope["path"])
             status = 500
             if not response_started:
-                await _send_json_500(send_with_id, rid)
+                payload = {"detail": "internal server error", "request_id": rid}
+                await send_json(send_with_id, 500, payload)
         finally:
             seconds = time.perf_counter() - started
             route = route_template(scope)
@@ -152,15 +153,20 @@ class _NoMetrics(HttpMetrics):
         pass
 
 
-async def _send_json_500(send: Send, rid: str) -> None:
-    body = orjson.dumps({"detail": "internal server error", "request_id": rid})
+async def send_json(
+    send: Send, status: int, payload: dict[str, str], headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """A whole JSON response: the serving layer's own answers (500 here, 503 in
+    server.reloader) have the shape of the app's errors."""
+    body = orjson.dumps(payload)
     await send(
         {
             "type": "http.response.start",
-            "status": 500,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                *headers,
             ],
         }
     )

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     )
     log_format: Literal["json", "console"] = Field("json", alias="LOG_FORMAT")
 
+    # Development only (compose.dev.yml sets it; docker-compose.yml never passes it): the
+    # master reloads its workers when the code changes, and an app that fails to import
+    # answers 503 with the error instead of stopping the server (server/reloader.py).
+    reload: bool = Field(False, alias="RELOAD")
+
     # Proxies whose X-Forwarded-For / X-Forwarded-Proto are trusted: "*" or IPs/CIDRs.
     forwarded_allow_ips: str = Field("127.0.0.1", alias="FORWARDED_ALLOW_IPS")
 
@@ -137,6 +142,7 @@ _ACCEPTS = {
     "WORKER_TMP_DIR": "a directory path (a tmpfs such as /dev/shm)",
     "LOG_LEVEL": "one of debug, info, warning, error, critical",
     "LOG_FORMAT": "one of json, console",
+    "RELOAD": "true or false (development only)",
     "FORWARDED_ALLOW_IPS": 'a comma-separated list of IPs or CIDRs, or "*"',
     "METRICS_HOST": "an address to bind, e.g. 0.0.0.0",
     "METRICS_PORT": "an integer from 1 to 65535, different from PORT",

@@ -164,13 +164,17 @@ class Stack:
     skipped: tuple[str, ...] = ()  # services left out: their image can only be pulled
     cafile: Path | None = None
     up_seconds: float = 0.0
+    # Compose files, in order; the first one's folder is the project directory (relative
+    # paths, build contexts). Default: the repository's production file.
+    files: tuple[Path, ...] = (COMPOSE_FILE,)
 
     # compose and docker
     def compose(
         self, *args: str, timeout: float = 180, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         profiles = [a for p in self.profiles for a in ("--profile", p)]
-        cmd = ["docker", "compose", "-f", str(COMPOSE_FILE), "-p", self.project, *profiles, *args]
+        files = [arg for f in self.files for arg in ("-f", str(f))]
+        cmd = ["docker", "compose", *files, "-p", self.project, *profiles, *args]
         return run(cmd, env=self.env, timeout=timeout, check=check)
 
     def services(self) -> list[str]:
@@ -263,10 +267,11 @@ class StackFactory:
         profiles: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         attempts: int = 3,
+        files: tuple[Path, ...] = (COMPOSE_FILE,),
     ) -> Stack:
         last_error = ""
         for attempt in range(1, attempts + 1):
-            stack = self._new(name, profiles, env or {})
+            stack = self._new(name, profiles, env or {}, files)
             self._select_services(stack)
             self.stacks.append(stack)
             start = time.monotonic()
@@ -326,7 +331,9 @@ class StackFactory:
                 run(["docker", "tag", ref, f"{repo}:e2e"], check=False)
                 run(["docker", "image", "rm", ref], check=False)
 
-    def _new(self, name: str, profiles: tuple[str, ...], extra: dict[str, str]) -> Stack:
+    def _new(
+        self, name: str, profiles: tuple[str, ...], extra: dict[str, str], files: tuple[Path, ...]
+    ) -> Stack:
         ports = {var: free_port() for var in port_variables()}
         env = dict(self.base_env)
         env.update({var: str(port) for var, port in ports.items()})
@@ -346,6 +353,7 @@ class StackFactory:
             http_port=int(env["HTTP_PORT"]),
             https_port=int(env["HTTPS_PORT"]),
             ports={var: int(env[var]) for var in ports},
+            files=files,
         )
 
     def _select_services(self, stack: Stack) -> None:

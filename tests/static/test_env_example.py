@@ -11,21 +11,18 @@ Needs the `docker compose` CLI (scripts/ensure-compose.sh), not the Docker daemo
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from loadtests.settings import load_settings as load_loadtest_settings
 from loadtests.settings import read_dotenv
 from server.settings import Settings
 from tests.scripts import load_script
+from tests.static.compose import compose_config as config_of
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / ".env.example"
@@ -88,6 +85,8 @@ def test_shown_defaults_are_the_app_servers() -> None:
     for field in Settings.model_fields.values():
         name = str(field.alias)
         default = "" if field.default is None else str(field.default)
+        if isinstance(field.default, bool):
+            default = default.lower()  # as one writes it in a .env file
         assert shown[name] == default, (
             f"{name}: .env.example shows {shown[name]!r}, default {default!r}"
         )
@@ -154,22 +153,8 @@ def test_each_service_gets_only_what_it_reads() -> None:
 
 
 def compose_config(env_file: Path) -> dict[str, Any]:
-    if shutil.which("docker") is None:
-        pytest.fail("docker CLI missing: run scripts/ensure-compose.sh", pytrace=False)
     profiles = [arg for p in PROFILES for arg in ("--profile", p)]
-    clean = {k: os.environ[k] for k in ("PATH", "HOME", "DOCKER_CONFIG") if k in os.environ}
-    compose = ["docker", "compose", "-f", str(COMPOSE_FILE), "--env-file", str(env_file)]
-    proc = subprocess.run(
-        [*compose, *profiles, "config", "--format", "json"],
-        cwd=ROOT,
-        env=clean,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return dict(json.loads(proc.stdout))
+    return config_of("-f", str(COMPOSE_FILE), "--env-file", str(env_file), *profiles)
 
 
 def test_copying_it_to_dotenv_changes_no_compose_config(tmp_path: Path) -> None:

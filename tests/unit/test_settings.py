@@ -42,6 +42,11 @@ def test_shutdown_delay_zero_disables_the_drain() -> None:
     assert load_settings({"SHUTDOWN_DELAY": "0"}).shutdown_delay == 0
 
 
+def test_reload_is_off_unless_asked_for() -> None:
+    assert load_settings({}).reload is False
+    assert load_settings({"RELOAD": "true"}).reload is True
+
+
 def test_empty_web_concurrency_means_auto() -> None:
     assert load_settings({"WEB_CONCURRENCY": ""}).web_concurrency is None
 
@@ -61,6 +66,7 @@ def test_empty_web_concurrency_means_auto() -> None:
         ("SHUTDOWN_DELAY", "-1", "whole seconds from 0 to 300"),
         ("SHUTDOWN_DELAY", "5s", "whole seconds from 0 to 300"),
         ("SHUTDOWN_DELAY", "301", "whole seconds from 0 to 300"),
+        ("RELOAD", "sometimes", "true or false"),
     ],
 )
 def test_invalid_value_names_variable_and_what_it_accepts(
