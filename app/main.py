@@ -1,5 +1,6 @@
 """An example FastAPI service that exercises the stack: reads, writes with validation,
-path parameters and 404s, a bounded slow call, an endpoint that fails, lifespan events.
+path parameters and 404s, a bounded slow call, an endpoint that fails, lifespan events,
+a WebSocket echo and a server-sent event stream.
 
 It knows nothing about gunicorn, nginx or Prometheus: the serving layer (server/) adds
 health checks, request ids, access logs and metrics around it. Its logs go through the
@@ -11,13 +12,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import AsyncIterable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import FastAPI, HTTPException, Query, Request, status
+from fastapi import (
+    FastAPI,
+    Header,
+    HTTPException,
+    Query,
+    Request,
+    WebSocket,
+    WebSocketDisconnect,
+    status,
+)
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -30,6 +42,8 @@ log = logging.getLogger("app")
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_SLOW_SECONDS = 30.0
+MAX_EVENTS = 1000
+MAX_EVENT_INTERVAL = 10.0
 
 
 @asynccontextmanager
@@ -110,6 +124,43 @@ async def slow(
     """Wait a bounded time without blocking the worker: for shutdown and timeout tests."""
     await asyncio.sleep(seconds)
     return {"slept": seconds}
+
+
+@app.get("/api/events", response_class=EventSourceResponse)
+async def events(
+    count: Annotated[int, Query(ge=1, le=MAX_EVENTS, description="Events to send.")] = 10,
+    interval: Annotated[
+        float, Query(ge=0, le=MAX_EVENT_INTERVAL, description="Seconds between events.")
+    ] = 1.0,
+    last_event_id: Annotated[
+        int | None, Header(ge=0, description="A reconnecting client resumes after this id.")
+    ] = None,
+) -> AsyncIterable[ServerSentEvent]:
+    """Server-sent events: `count` ticks, `interval` seconds apart, the first at once. A
+    client that reconnects (EventSource does, after a server restart) gets the rest."""
+    first = 0 if last_event_id is None else last_event_id + 1
+    for number in range(first, count):
+        if number > first:
+            await asyncio.sleep(interval)
+        yield ServerSentEvent(data={"tick": number, "of": count}, event="tick", id=str(number))
+
+
+@app.websocket("/ws/echo")
+async def echo(websocket: WebSocket) -> None:
+    """Send every text or binary message back as it came. The serving layer bounds the size
+    of a message (WS_MAX_MESSAGE_SIZE: larger ones close the session with 1009)."""
+    await websocket.accept()
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") is not None:
+                await websocket.send_text(message["text"])
+            else:
+                await websocket.send_bytes(message["bytes"])
+    except WebSocketDisconnect:
+        return
 
 
 @app.get("/api/boom")

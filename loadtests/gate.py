@@ -40,6 +40,9 @@ TAG_SEPARATOR = " ["
 # Behind nginx, "/" and "/static/..." are answered by nginx itself and only /api/ reaches
 # the app; straight at gunicorn (no nginx) every path does: app_prefixes = ["/"].
 DEFAULT_APP_PREFIXES = ("/api/",)
+# Locust request types that are no HTTP request (a WebSocket connect, echo or session): the
+# app's request counter never sees them, whatever their path.
+NOT_HTTP = frozenset({"WS"})
 
 
 def app_route(name: str) -> str:
@@ -108,7 +111,11 @@ class Summary:
 
     @property
     def app_routed_requests(self) -> int:
-        return sum(r.requests for r in self.routes if is_app_routed(r.name, self.app_prefixes))
+        return sum(
+            r.requests
+            for r in self.routes
+            if r.method not in NOT_HTTP and is_app_routed(r.name, self.app_prefixes)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         def route(r: RouteSummary) -> dict[str, Any]:

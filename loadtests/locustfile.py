@@ -1,8 +1,13 @@
 """Locust scenario: what a mix of real clients does to the stack, through nginx over HTTPS.
 
-One user class, weighted like a small shop's traffic: mostly catalogue reads, some orders
-(a few of them invalid, answered 422 on purpose), page views that load the fingerprinted
-CSS/JS nginx serves, a few 404s and an occasional slow call. Expected non-2xx answers are
+Three user classes. Most users are shop clients, weighted like a small shop's traffic: mostly
+catalogue reads, some orders (a few of them invalid, answered 422 on purpose), page views
+that load the fingerprinted CSS/JS nginx serves, a few 404s and an occasional slow call. A
+few hold WebSocket sessions on /ws/echo (connect, echo round trips, clean close, each timed
+and named "/ws/echo [connect]", "/ws/echo [echo]", "/ws/echo [session]"; with request type
+WS, which the cross-check leaves out: they are not HTTP requests) and a few consume
+server-sent events from /api/events (timed until the stream begins, failed unless every
+event arrives in order). Expected non-2xx answers are
 marked as successes (`catch_response`), anything else as a failure naming what was expected.
 Requests are named by route template ("/api/items/{item_id}"), with a tag for the expected
 non-2xx variant ("/api/orders [422]"), so `loadtests.gate` can tell which reach the app.
@@ -23,6 +28,7 @@ import logging
 import math
 import random
 import re
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -30,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.ssl
+import websocket  # websocket-client: blocking sockets, which gevent makes cooperative
 from gevent.lock import Semaphore
-from locust import FastHttpUser, events, task
+from locust import FastHttpUser, User, events, task
 from locust.exception import StopUser
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, WorkerRunner
 
@@ -46,6 +53,14 @@ log = logging.getLogger("loadtest")
 
 ITEM_IDS = range(1, 51)  # the example catalogue (contract: ids 1..50)
 UNKNOWN_ITEM_ID = 999_999
+WS_PATH = "/ws/echo"
+WS_REQUEST_TYPE = "WS"  # Locust's "method" column for WebSocket steps (gate.NOT_HTTP)
+WS_MESSAGES = 10  # echo round trips per session
+# Close codes after which a session counts as a success (RFC 6455 7.4.1): normal closure,
+# going away, and the service restart a deploy or reload sends (the user reconnects).
+WS_CLEAN_CLOSES = frozenset({1000, 1001, 1012})
+SSE_EVENTS = 5  # events per stream
+SSE_INTERVAL = 0.02  # seconds between them: a stream is over before a stopping test waits
 HEADLESS_GRACE_S = 15  # --run-time ends a headless run; the guard is only the safety net
 
 
@@ -277,6 +292,8 @@ def _describe(response: Any) -> str:
 class ShopUser(FastHttpUser):
     """A client of the example shop, through nginx like any browser or API consumer."""
 
+    # Every user but the WebSocket and event-stream users' fixed_count.
+
     insecure = False  # verify certificates and host names
     ssl_context_factory = staticmethod(_ssl_context)
     network_timeout = 40.0  # above nginx's proxy_read_timeout (35 s): nginx answers first
@@ -351,3 +368,173 @@ class ShopUser(FastHttpUser):
     def slow(self) -> None:
         seconds = _options().slow_seconds
         self._expect("GET", f"/api/slow?seconds={seconds:g}", "/api/slow", 200)
+
+
+# --- long-lived connections ---------------------------------------------------------------
+
+
+def _fire(name: str, started: float, exception: Exception | None = None, length: int = 0) -> None:
+    """Report one WebSocket step to Locust's statistics."""
+    environment = _process.environment
+    if environment is None:
+        return
+    environment.events.request.fire(  # type: ignore[no-untyped-call]
+        request_type=WS_REQUEST_TYPE,
+        name=name,
+        response_time=(time.perf_counter() - started) * 1000,
+        response_length=length,
+        exception=exception,
+        context={},
+    )
+
+
+class WebSocketSessionError(Exception):
+    """A session that did not end cleanly: the message says how."""
+
+
+class WebSocketUser(User):
+    """A WebSocket client of /ws/echo: opens a session, makes WS_MESSAGES echo round trips
+    (one per task, think time between them), closes it normally; then the next session.
+    One round trip per task keeps a stopping test quick: Locust lets a user finish its task.
+
+    The client is websocket-client (blocking sockets; Locust's gevent makes them
+    cooperative), with the same verified TLS, SNI and Host as the shop users.
+    """
+
+    fixed_count = 2  # of LOADTEST_USERS, whatever their number
+
+    def __init__(self, environment: Environment) -> None:
+        super().__init__(environment)
+        self.ws: websocket.WebSocket | None = None
+        self.session_started = 0.0
+        self.echoes = 0
+
+    def wait_time(self) -> float:
+        opts = _options()
+        return random.uniform(opts.wait_min, opts.wait_max)
+
+    def _url(self) -> str:
+        host = (self.host or "").rstrip("/")
+        return re.sub(r"^http", "ws", host, count=1) + WS_PATH
+
+    def _open(self) -> None:
+        opts = _options()
+        sslopt: dict[str, Any] = {}
+        if self._url().startswith("wss:"):
+            sslopt = {"context": ssl.create_default_context(cafile=opts.ca_file or None)}
+            if opts.server_name:
+                sslopt["server_hostname"] = opts.server_name
+        self.session_started = started = time.perf_counter()
+        self.echoes = 0
+        try:
+            self.ws = websocket.create_connection(
+                self._url(),
+                timeout=ShopUser.network_timeout,
+                sslopt=sslopt,
+                host=opts.server_name or None,
+                header={"User-Agent": "locust-loadtest"},
+            )
+        except Exception as error:  # noqa: BLE001 - every way to fail counts, with its reason
+            _fire(f"{WS_PATH} [connect]", started, error)
+            self._end(WebSocketSessionError(f"handshake failed: {error!r}"))
+            return
+        _fire(f"{WS_PATH} [connect]", started)
+
+    def _end(self, failure: Exception | None) -> None:
+        """The session is over: report it, drop the connection."""
+        _fire(f"{WS_PATH} [session]", self.session_started, failure)
+        if self.ws is not None:
+            self.ws.shutdown()  # type: ignore[no-untyped-call]
+            self.ws = None
+
+    def _close(self) -> None:
+        """Close normally (1000) and wait for the server's close frame."""
+        if self.ws is None:
+            return
+        try:
+            self.ws.close(status=websocket.STATUS_NORMAL)
+        except Exception as error:  # noqa: BLE001 - a close that fails fails the session
+            self._end(WebSocketSessionError(f"close failed: {error!r}"))
+            return
+        self._end(None)
+
+    @task
+    def echo(self) -> None:
+        if _process.sent >= _share_of_budget():
+            raise StopUser()
+        if self.ws is None:
+            self._open()
+            if self.ws is None:
+                return
+        text = f"locust {self.echoes} {random.getrandbits(64):016x}"
+        started = time.perf_counter()
+        try:
+            self.ws.send(text)
+            answer = _receive(self.ws)
+        except Exception as error:  # noqa: BLE001 - timeouts, resets
+            self._end(WebSocketSessionError(repr(error)))
+            return
+        if isinstance(answer, int):  # the server closed the session
+            clean = answer in WS_CLEAN_CLOSES
+            self._end(None if clean else WebSocketSessionError(f"closed by the server: {answer}"))
+            return
+        if answer != text:
+            self._end(WebSocketSessionError(f"echo {answer!r} for {text!r}"))
+            return
+        _fire(f"{WS_PATH} [echo]", started, length=len(answer))
+        self.echoes += 1
+        if self.echoes >= WS_MESSAGES:
+            self._close()
+
+    def on_stop(self) -> None:
+        if self.ws is not None:
+            self._close()
+
+
+def _receive(ws: websocket.WebSocket) -> str | int:
+    """The next text message, or the close code if the server closed the session (pings
+    are answered on the way)."""
+    opcode, frame = ws.recv_data_frame()
+    if opcode == websocket.ABNF.OPCODE_CLOSE:
+        data = frame.data or b""
+        return int.from_bytes(data[:2], "big") if len(data) >= 2 else 1005
+    return bytes(frame.data).decode("utf-8")
+
+
+class EventStreamUser(FastHttpUser):
+    """A consumer of server-sent events: one stream of SSE_EVENTS events at a time, timed
+    until the stream begins; it fails unless every event arrives, in order."""
+
+    fixed_count = 2  # of LOADTEST_USERS
+    insecure = False
+    ssl_context_factory = staticmethod(_ssl_context)
+    network_timeout = ShopUser.network_timeout
+    connection_timeout = ShopUser.connection_timeout
+    default_headers = ShopUser.default_headers
+
+    def __init__(self, environment: Environment) -> None:
+        server_name = _options().server_name
+        if server_name:
+            self.default_headers = {**self.default_headers, "Host": server_name}
+        super().__init__(environment)
+
+    def wait_time(self) -> float:
+        opts = _options()
+        return random.uniform(opts.wait_min, opts.wait_max)
+
+    @task
+    def stream(self) -> None:
+        if _process.sent >= _share_of_budget():
+            raise StopUser()
+        path = f"/api/events?count={SSE_EVENTS}&interval={SSE_INTERVAL:g}"
+        with self.client.get(path, name="/api/events", stream=True, catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"expected 200, got {_describe(r)}")
+                return
+            body = b"".join(r.iter_content(chunk_size=4096, decode_content=False))
+            lines = body.decode("utf-8", "replace").splitlines()
+            ids = [line.removeprefix("id:").strip() for line in lines if line.startswith("id:")]
+            if ids != [str(n) for n in range(SSE_EVENTS)]:
+                r.failure(f"events {ids}, expected ids 0..{SSE_EVENTS - 1}")
+            else:
+                r.success()

@@ -47,14 +47,14 @@ run -- nginx -t -q || fail "nginx -t failed with the default settings"
 say "nginx -T with every setting changed"
 out=$(run SERVER_NAMES='example.com www.example.com 10.0.0.5' APP_UPSTREAM=127.0.0.1:9001 \
     RATE_LIMIT=600r/m RATE_LIMIT_BURST=0 RATE_LIMIT_ALLOWLIST='10.0.0.0/8, 192.168.1.7' \
-    CLIENT_MAX_BODY_SIZE=10m HTTPS_REDIRECT_PORT=8443 CONNECTION_LIMIT=4 \
+    CLIENT_MAX_BODY_SIZE=10m HTTPS_REDIRECT_PORT=8443 CONNECTION_LIMIT=4 WS_CONNECTION_LIMIT=3 \
     HSTS_MAX_AGE=31536000 HSTS_INCLUDE_SUBDOMAINS=on HSTS_PRELOAD=on -- nginx -T -q 2>&1) \
     || fail "nginx -T failed with non-default settings:"$'\n'"$out"
 # shellcheck disable=SC2016  # nginx variables, literally
 for want in 'server_name example.com www.example.com 10.0.0.5;' 'server 127.0.0.1:9001;' \
     'rate=600r/m;' 'limit_req zone=per_client;' '10.0.0.0/8 1;' '192.168.1.7 1;' \
     'client_max_body_size 10m;' 'return 308 https://$host:8443$request_uri;' \
-    'X25519:prime256v1:secp384r1;' 'limit_conn per_client_conn 4;' \
+    'X25519:prime256v1:secp384r1;' 'limit_conn per_client_conn 4;' 'limit_conn per_client_ws 3;' \
     'client_body_buffer_size 10m;' 'proxy_request_buffering on;' 'worker_processes ' \
     'worker_connections ' \
     'Strict-Transport-Security "max-age=31536000; includeSubDomains; preload" always;'; do
@@ -87,6 +87,10 @@ if out=$(run RATE_LIMIT='20r/s; evil' -- nginx -t 2>&1); then
     fail "RATE_LIMIT='20r/s; evil' was accepted"
 fi
 grep -q 'RATE_LIMIT=' <<<"$out" || fail "the refusal does not name RATE_LIMIT: $out"
+if out=$(run WS_CONNECTION_LIMIT=0 -- nginx -t 2>&1); then
+    fail "WS_CONNECTION_LIMIT=0 was accepted"
+fi
+grep -q 'WS_CONNECTION_LIMIT=' <<<"$out" || fail "the refusal does not name WS_CONNECTION_LIMIT: $out"
 if out=$(run HSTS_PRELOAD=on -- nginx -t 2>&1); then
     fail "HSTS_PRELOAD=on without includeSubDomains was accepted"
 fi

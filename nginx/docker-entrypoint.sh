@@ -160,6 +160,7 @@ render_settings() {
 # connection costs nginx ~52 KiB, measured), split over the workers, at most
 # MAX_WORKER_CONNECTIONS each (worker_rlimit_nofile 16384 holds 2 per slot).
 CONNECTION_LIMIT=${CONNECTION_LIMIT:-32}
+WS_CONNECTION_LIMIT=${WS_CONNECTION_LIMIT:-16}
 MAX_WORKER_CONNECTIONS=8000
 ASSUMED_MEMORY=536870912  # no memory limit known: plan for 512 MiB (compose's default)
 
@@ -202,6 +203,9 @@ render_limits() {
     require CONNECTION_LIMIT "$CONNECTION_LIMIT" '[1-9][0-9]{0,5}' \
         "concurrent requests per client IP, e.g. 32"
     printf 'limit_conn per_client_conn %s;\n' "$CONNECTION_LIMIT" >"$SETTINGS_DIR/connection-limit.conf"
+    require WS_CONNECTION_LIMIT "$WS_CONNECTION_LIMIT" '[1-9][0-9]{0,5}' \
+        "open WebSocket sessions per client IP, e.g. 16"
+    printf 'limit_conn per_client_ws %s;\n' "$WS_CONNECTION_LIMIT" >"$SETTINGS_DIR/websocket-limit.conf"
 
     memory=$(cgroup_memory_limit)
     budget=$(( ${memory:-$ASSUMED_MEMORY} / 4 ))
@@ -220,7 +224,8 @@ render_limits() {
     [ "$slots" -gt "$MAX_WORKER_CONNECTIONS" ] && slots=$MAX_WORKER_CONNECTIONS
     [ "$slots" -lt 512 ] && slots=512
     printf 'worker_connections %s;\n' "$slots" >"$SETTINGS_DIR/worker-connections.conf"
-    log "limits: CONNECTION_LIMIT=$CONNECTION_LIMIT per client; request bodies $how;" \
+    log "limits: CONNECTION_LIMIT=$CONNECTION_LIMIT per client;" \
+        "WS_CONNECTION_LIMIT=$WS_CONNECTION_LIMIT WebSocket sessions per client; request bodies $how;" \
         "worker_processes $workers x worker_connections $slots (memory limit ${memory:-none})"
 }
 

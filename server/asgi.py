@@ -15,7 +15,7 @@ from uvicorn.importer import ImportFromStringError, import_from_string
 
 from server.health import STATE, HealthMiddleware
 from server.logs import get_logger
-from server.metrics import HttpMetrics
+from server.metrics import HttpMetrics, WebSocketMetrics
 from server.middleware import ObservabilityMiddleware
 from server.reloader import failed_app
 from server.settings import Settings, get_settings
@@ -26,9 +26,13 @@ if TYPE_CHECKING:
 __all__ = ["app", "wrap"]
 
 
-def wrap(user_app: ASGIApp, metrics: HttpMetrics | None = None) -> ASGIApp:
+def wrap(
+    user_app: ASGIApp,
+    metrics: HttpMetrics | None = None,
+    ws_metrics: WebSocketMetrics | None = None,
+) -> ASGIApp:
     """Put the serving layer's middleware around an ASGI app (metrics None: no HTTP metrics)."""
-    return HealthMiddleware(ObservabilityMiddleware(user_app, metrics), STATE)
+    return HealthMiddleware(ObservabilityMiddleware(user_app, metrics, ws_metrics), STATE)
 
 
 APP_LOAD_ERROR = 4  # gunicorn's Arbiter.APP_LOAD_ERROR: the master halts instead of respawning

@@ -193,6 +193,18 @@ def _shared_processors(fmt: Format) -> list[Any]:
     return processors
 
 
+class _NoWebSocketAccessLines(logging.Filter):
+    """Drop uvicorn's (and the websockets library's) lines for each WebSocket handshake,
+    open and close: server.websocket writes one access line per session instead."""
+
+    _MESSAGES = frozenset({"connection open", "connection closed"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not isinstance(record.msg, str):
+            return True
+        return not (record.msg.startswith('%s - "WebSocket %s"') or record.msg in self._MESSAGES)
+
+
 def configure_logging(level: str = "info", fmt: Format = "json") -> None:
     """Configure structlog and the stdlib root logger for this process (idempotent)."""
     numeric_level = logging.getLevelName(level.upper())
@@ -236,6 +248,9 @@ def configure_logging(level: str = "info", fmt: Format = "json") -> None:
         named.handlers = [handler]
         named.propagate = False
         named.setLevel(numeric_level)
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _NoWebSocketAccessLines) for f in uvicorn_error.filters):
+        uvicorn_error.addFilter(_NoWebSocketAccessLines())
     # Each request is logged once by our middleware; these would be duplicates.
     for name in ("gunicorn.access", "uvicorn.access"):
         named = logging.getLogger(name)
@@ -272,8 +287,9 @@ def _utc_timestamp() -> str:
     return f"{_second_text}.{int((now - second) * 1_000_000):06d}Z"
 
 
-def log_access(fields: dict[str, Any]) -> None:
-    """The access line of one request: the hot path renders it without the processor chain.
+def log_access(fields: dict[str, Any], event: str = "request") -> None:
+    """The access line of one request (`event` "request") or WebSocket session ("websocket"):
+    the hot path renders it without the processor chain.
 
     Same keys as every other line (timestamp, level, logger, event, pid, plus whatever is
     bound in the request's context such as request_id), one orjson call, one write.
@@ -285,14 +301,14 @@ def log_access(fields: dict[str, Any]) -> None:
             "timestamp": _utc_timestamp(),
             "level": "info",
             "logger": "server.access",
-            "event": "request",
+            "event": event,
             "pid": _PID.value,
             **_get_contextvars(),
             **fields,
         }
         _queue_line(orjson.dumps(record, default=repr))
     else:
-        _access_fallback.info("request", **fields)
+        _access_fallback.info(event, **fields)
 
 
 def get_logger(name: str) -> Any:

@@ -52,6 +52,7 @@ __all__ = [
     "UNMATCHED_ROUTE",
     "HttpMetrics",
     "MasterCollector",
+    "WebSocketMetrics",
     "mark_worker_dead",
     "prepare_multiproc_dir",
     "start_metrics_server",
@@ -73,11 +74,11 @@ def _multiprocess() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-class HttpMetrics:
-    """The per-request metrics, aggregated in memory and written out a few times a second.
+class _BatchedMetrics:
+    """Metrics counted in memory on the hot path and written out a few times a second.
 
     In multiprocess mode every `inc()` takes a lock, checks the pid and writes an mmap;
-    five of them per request cost more than the rest of the middleware. Requests are
+    five of them per request cost more than the rest of the middleware. Events are
     therefore counted in plain dicts on the hot path and flushed into prometheus_client's
     values at most every FLUSH_INTERVAL seconds (a timer on the worker's event loop, armed
     only while there is something to write) and when the worker shuts down. A scrape sees
@@ -86,12 +87,34 @@ class HttpMetrics:
 
     FLUSH_INTERVAL = 0.2
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
         # In multiprocess mode values live in files and the master aggregates them, so the
         # metrics are not registered anywhere in the worker.
         if registry is None and not _multiprocess():
             registry = CollectorRegistry()
         self.registry = registry
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _schedule(self) -> None:
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop (a plain function call): write now
+                self.flush()
+                return
+            self._timer = loop.call_later(self.FLUSH_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        """Write what is pending into prometheus_client's values."""
+        raise NotImplementedError
+
+
+class HttpMetrics(_BatchedMetrics):
+    """The per-request metrics: requests, their duration, requests in progress."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        registry = self.registry
         self.requests = Counter(
             "http_requests_total",
             "HTTP requests handled by the app, by method, route template and status.",
@@ -100,7 +123,8 @@ class HttpMetrics:
         )
         self.duration = Histogram(
             "http_request_duration_seconds",
-            "Time from the request reaching the app to the end of its response.",
+            "Time from the request reaching the app to the end of its response (for an "
+            "event stream, to its start).",
             ["method", "route"],
             buckets=HTTP_BUCKETS,
             registry=registry,
@@ -121,7 +145,6 @@ class HttpMetrics:
         self._exemplars_changed = False
         self._active = 0
         self._written_active = 0
-        self._timer: asyncio.TimerHandle | None = None
 
     def started(self) -> None:
         self._active += 1
@@ -150,17 +173,7 @@ class HttpMetrics:
             self._exemplars_changed = True
         self._schedule()
 
-    def _schedule(self) -> None:
-        if self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no event loop (a plain function call): write now
-                self.flush()
-                return
-            self._timer = loop.call_later(self.FLUSH_INTERVAL, self.flush)
-
     def flush(self) -> None:
-        """Write what is pending into prometheus_client's values."""
         self._timer = None
         counts, self._counts = self._counts, {}
         buckets, self._buckets = self._buckets, {}
@@ -229,6 +242,72 @@ def _with_exemplars(metrics: list[Metric], directory: Path) -> list[Metric]:
             samples.append(sample)
         metric.samples = samples
     return metrics
+
+
+class WebSocketMetrics(_BatchedMetrics):
+    """WebSocket sessions: open now (over all live workers), messages, how sessions ended.
+
+    A session ends with its close code: the one the app sent, the one the client sent, or
+    what the server saw (1006 when the peer vanished without a close frame, 1009 for a
+    message over WS_MAX_MESSAGE_SIZE, 1011 for an app error or a missed ping, 1012 when
+    the worker stopped). A handshake the app refused counts with code "rejected".
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        registry = self.registry
+        self.open = Gauge(
+            "websocket_connections_open",
+            "WebSocket sessions open right now, over all live workers.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.messages = Counter(
+            "websocket_messages_total",
+            "WebSocket messages, by route template and direction (in: from the client).",
+            ["route", "direction"],
+            registry=registry,
+        )
+        self.sessions = Counter(
+            "websocket_sessions_total",
+            "WebSocket sessions that ended, by route template and close code.",
+            ["route", "code"],
+            registry=registry,
+        )
+        self._open = 0
+        self._written_open = 0
+        self._messages: dict[tuple[str, str], int] = {}
+        self._sessions: dict[tuple[str, str], int] = {}
+
+    def opened(self) -> None:
+        self._open += 1
+        self._schedule()
+
+    def message(self, route: str, direction: str) -> None:
+        """One message, "in" (from the client) or "out"."""
+        key = (route, direction)
+        self._messages[key] = self._messages.get(key, 0) + 1
+        self._schedule()
+
+    def closed(self, route: str, code: str, *, was_open: bool) -> None:
+        """A session ended (`was_open`: it had been accepted, so `opened` counted it)."""
+        if was_open:
+            self._open -= 1
+        key = (route, code)
+        self._sessions[key] = self._sessions.get(key, 0) + 1
+        self._schedule()
+
+    def flush(self) -> None:
+        self._timer = None
+        messages, self._messages = self._messages, {}
+        sessions, self._sessions = self._sessions, {}
+        for labels, count in messages.items():
+            self.messages.labels(*labels).inc(count)
+        for labels, count in sessions.items():
+            self.sessions.labels(*labels).inc(count)
+        if self._open != self._written_open:
+            self.open.set(self._open)
+            self._written_open = self._open
 
 
 def prepare_multiproc_dir(path: Path) -> None:

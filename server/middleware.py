@@ -3,7 +3,9 @@
 Pure ASGI (as Starlette's own middleware is written), not `BaseHTTPMiddleware`, which
 costs a task and a stream per request. One class does the four jobs because each layer
 of middleware costs time on every request; each job's logic lives in its own module
-(`server.request_id`, `server.trace_context`, `server.metrics`, `server.logs`).
+(`server.request_id`, `server.trace_context`, `server.metrics`, `server.logs`). WebSocket
+sessions get request ids, access lines and metrics from `server.websocket`; event streams
+end cleanly when the worker stops (`server.streams`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import structlog
 
 from server import request_id, trace_context
 from server.logs import flush_access_lines, get_logger, log_access
-from server.metrics import UNMATCHED_ROUTE, HttpMetrics
+from server.metrics import UNMATCHED_ROUTE, HttpMetrics, WebSocketMetrics
+from server.streams import EVENT_STREAMS, is_event_stream
+from server.websocket import observe_websocket
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping
@@ -47,13 +51,23 @@ def route_template(scope: Scope) -> str:
 
 
 class ObservabilityMiddleware:
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics | None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: HttpMetrics | None,
+        ws_metrics: WebSocketMetrics | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics or _NoMetrics()
+        self.ws_metrics = ws_metrics or WebSocketMetrics()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(  # noqa: PLR0915 - one flat function: each call costs on the hot path
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         if scope["type"] != "http":
-            if scope["type"] == "lifespan":
+            if scope["type"] == "websocket":
+                await observe_websocket(self.app, self.ws_metrics, scope, receive, send)
+            elif scope["type"] == "lifespan":
                 await self._lifespan(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
@@ -81,9 +95,14 @@ class ObservabilityMiddleware:
 
         status = 500
         response_started = False
+        stream = None  # an event stream, once its response has started
+        stream_started = 0.0
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, response_started
+            nonlocal status, response_started, stream, stream_started
+            if stream is not None:
+                await stream.send(message)
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
@@ -92,6 +111,9 @@ class ObservabilityMiddleware:
                     (request_id.HEADER, rid_bytes),
                     (trace_context.HEADER, traceparent),
                 ]
+                if is_event_stream(message):
+                    stream = EVENT_STREAMS.opened(send)
+                    stream_started = time.perf_counter()
             await send(message)
 
         metrics = self.metrics
@@ -109,7 +131,13 @@ class ObservabilityMiddleware:
             seconds = time.perf_counter() - started
             route = route_template(scope)
             method = scope["method"]
-            metrics.observe(method, route, status, seconds, span.trace_id)
+            if stream is None:
+                metrics.observe(method, route, status, seconds, span.trace_id)
+            else:
+                # A stream lasts as long as it has events: its latency is the wait for it
+                # to begin; the access line below has its whole duration.
+                EVENT_STREAMS.closed(stream)
+                metrics.observe(method, route, status, stream_started - started, span.trace_id)
             client = scope.get("client")
             log_access(
                 {
@@ -131,6 +159,7 @@ class ObservabilityMiddleware:
         async def flush_then_send(message: Message) -> None:
             if message["type"].startswith("lifespan.shutdown."):
                 metrics.flush()
+                self.ws_metrics.flush()
                 flush_access_lines()
             await send(message)
 

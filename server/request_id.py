@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import random
 import re
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["HEADER", "MAX_LENGTH", "accept_or_generate", "generate", "is_valid"]
+if TYPE_CHECKING:
+    from collections.abc import MutableMapping
+
+__all__ = ["HEADER", "MAX_LENGTH", "accept_or_generate", "for_scope", "generate", "is_valid"]
 
 HEADER = b"x-request-id"
 MAX_LENGTH = 128
@@ -37,3 +41,21 @@ def accept_or_generate(value: bytes | None) -> str:
     if value is not None and _VALID.fullmatch(value) is not None:
         return value.decode("ascii")
     return generate()
+
+
+def for_scope(scope: MutableMapping[str, Any]) -> tuple[str, bytes]:
+    """The id of an http or websocket request: the incoming one when well-formed, else a
+    fresh one, which then replaces the header so the app reads the id it is logged under.
+    """
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    incoming = None
+    for name, value in headers:
+        if name == HEADER:
+            incoming = value
+            break
+    rid = accept_or_generate(incoming)
+    rid_bytes = rid.encode("ascii")
+    if incoming != rid_bytes:
+        scope["headers"] = [h for h in headers if h[0] != HEADER]
+        scope["headers"].append((HEADER, rid_bytes))
+    return rid, rid_bytes

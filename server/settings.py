@@ -72,6 +72,15 @@ class Settings(BaseSettings):
     # master reloads its workers when the code changes, and an app that fails to import
     # answers 503 with the error instead of stopping the server (server/reloader.py).
     reload: bool = Field(False, alias="RELOAD")
+    # WebSockets (uvicorn's protocol, https://www.uvicorn.org/settings/#implementation).
+    # A ping every interval keeps idle sessions alive through nginx's read timeout and finds
+    # dead peers: no pong within the timeout closes the session (1011).
+    ws_ping_interval: Seconds = Field(20, alias="WS_PING_INTERVAL")
+    ws_ping_timeout: Seconds = Field(20, alias="WS_PING_TIMEOUT")
+    # Larger messages close the session with 1009 (message too big) before they are buffered.
+    ws_max_message_size: int = Field(
+        1024 * 1024, ge=1, le=64 * 1024 * 1024, alias="WS_MAX_MESSAGE_SIZE"
+    )
 
     # Proxies whose X-Forwarded-For / X-Forwarded-Proto are trusted: "*" or IPs/CIDRs.
     forwarded_allow_ips: str = Field("127.0.0.1", alias="FORWARDED_ALLOW_IPS")
@@ -140,6 +149,9 @@ _ACCEPTS = {
     "MAX_REQUESTS": "an integer >= 0 (0 disables worker recycling)",
     "MAX_REQUESTS_JITTER": "an integer >= 0",
     "WORKER_TMP_DIR": "a directory path (a tmpfs such as /dev/shm)",
+    "WS_PING_INTERVAL": "whole seconds from 1 to 3600",
+    "WS_PING_TIMEOUT": "whole seconds from 1 to 3600",
+    "WS_MAX_MESSAGE_SIZE": "bytes, an integer from 1 to 67108864 (64 MiB)",
     "LOG_LEVEL": "one of debug, info, warning, error, critical",
     "LOG_FORMAT": "one of json, console",
     "RELOAD": "true or false (development only)",

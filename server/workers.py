@@ -19,7 +19,9 @@ from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker as _StockUvicornWorker
 
 from server.health import STATE
+from server.logs import get_logger
 from server.settings import get_settings
+from server.streams import EVENT_STREAMS
 
 if TYPE_CHECKING:
     import socket
@@ -29,8 +31,10 @@ __all__ = ["UvicornWorker"]
 
 
 class _Server(Server):
-    """uvicorn's server, marking the worker not ready the moment it is told to stop, and
-    letting just-accepted connections deliver their request before idle ones are closed.
+    """uvicorn's server, marking the worker not ready the moment it is told to stop,
+    letting just-accepted connections deliver their request before idle ones are closed,
+    and ending event streams cleanly. uvicorn itself then closes each open WebSocket with
+    1012 (service restart), which tells clients to reconnect at once.
     """
 
     # uvicorn's shutdown closes every connection without a request in progress at once,
@@ -47,12 +51,21 @@ class _Server(Server):
         for server in self.servers:
             server.close()
         await asyncio.sleep(self.ACCEPTED_GRACE)
+        streams = await EVENT_STREAMS.end_all()
+        if streams:
+            get_logger("server.workers").info("event streams ended", streams=streams)
         await super().shutdown(sockets=sockets)
 
 
 class UvicornWorker(_StockUvicornWorker):
     # Fail loudly if the fast implementations are missing rather than fall back silently.
-    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "uvloop", "http": "httptools"}
+    # WebSockets: the `websockets` library's Sans-I/O protocol (uvicorn's "auto" picks the
+    # legacy one, deprecated upstream).
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
+        "loop": "uvloop",
+        "http": "httptools",
+        "ws": "websockets-sansio",
+    }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -67,6 +80,9 @@ class UvicornWorker(_StockUvicornWorker):
         config.forwarded_allow_ips = settings.forwarded_allow_ips
         config.access_log = False  # our middleware logs each request once
         config.server_header = False  # nginx decides what the client sees
+        config.ws_ping_interval = settings.ws_ping_interval
+        config.ws_ping_timeout = settings.ws_ping_timeout
+        config.ws_max_size = settings.ws_max_message_size
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi

@@ -209,6 +209,29 @@ class Stack:
         args = ["docker", "exec", *(["--user", user] if user else []), self.container_id(service)]
         return run([*args, *cmd], timeout=timeout, check=check)
 
+    def make(self, target: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """`make <target>` of the repository, aimed at this stack's project."""
+        return subprocess.run(
+            ["make", "--no-print-directory", target],
+            cwd=ROOT,
+            env={**os.environ, **self.env, "COMPOSE_PROJECT_NAME": self.project},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def nginx_worker_pids(self) -> set[str]:
+        """The pids of nginx's worker processes (old ones included, while they drain)."""
+        out = self.exec(
+            "nginx",
+            "sh",
+            "-c",
+            'for d in /proc/[0-9]*; do grep -qs "worker process" "$d/cmdline" '
+            '&& echo "${d#/proc/}"; done; true',
+        ).stdout
+        return set(out.split())
+
     def logs(self, service: str) -> list[str]:
         """The service's log lines, stdout and stderr interleaved, as Docker stored them."""
         proc = subprocess.run(

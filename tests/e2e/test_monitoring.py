@@ -17,6 +17,7 @@ Config: monitoring/ (prometheus/, grafana/); metric names: tests/monitoring/prom
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import time
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 from tests.e2e.receiver import URL as RECEIVER_URL
 from tests.e2e.receiver import Receiver
@@ -144,7 +146,9 @@ MIX: list[tuple[str, str, dict[str, Any] | None, int, str]] = [
     ("POST", "/api/orders", {"item_id": 3, "quantity": 0}, 422, "/api/orders"),
     ("GET", "/api/boom", None, 500, "/api/boom"),
     ("GET", "/api/slow?seconds=0.05", None, 200, "/api/slow"),
+    ("GET", "/api/events?count=2&interval=0", None, 200, "/api/events"),
 ]
+WS_MESSAGES = 2  # per WebSocket session, one session per round
 RATE_LIMITED = 429  # nginx's limit_req answers these itself: they never reach the app
 
 
@@ -160,11 +164,22 @@ class Sent:
         return sum(self.by_route_status.values())
 
 
+async def _websocket_session(stack: Stack) -> None:
+    """One echo session over wss:// (not an HTTP request: not in `Sent`)."""
+    url = f"wss://127.0.0.1:{stack.https_port}/ws/echo"
+    async with connect(url, ssl=stack.ssl_context(), open_timeout=15) as ws:
+        for n in range(WS_MESSAGES):
+            await ws.send(f"monitoring {n}")
+            assert await ws.recv() == f"monitoring {n}"
+
+
 def send(stack: Stack, rounds: int, pause: float = 0.06) -> Sent:
-    """`rounds` x MIX requests, paced under nginx's default rate limit (20 r/s, burst 40)."""
+    """`rounds` x MIX requests and a WebSocket session, paced under nginx's default rate
+    limit (20 r/s, burst 40)."""
     sent = Sent()
     with stack.client(timeout=30) as client:
         for _ in range(rounds):
+            asyncio.run(_websocket_session(stack))
             for method, path, body, expected, route in MIX:
                 response = client.request(method, path, json=body)
                 if response.status_code == RATE_LIMITED:

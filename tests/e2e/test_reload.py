@@ -9,10 +9,7 @@ allow-list), so the only failures it could see are the reload's.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -23,20 +20,8 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
 DURATION = 14.0  # seconds of traffic; the reload happens 3 s in
 MAX_REQUESTS = 300
-
-
-def _nginx_worker_pids(stack: Stack) -> set[str]:
-    out = stack.exec(
-        "nginx",
-        "sh",
-        "-c",
-        'for d in /proc/[0-9]*; do grep -qs "worker process" "$d/cmdline" && echo "${d#/proc/}"; '
-        "done; true",
-    ).stdout
-    return set(out.split())
 
 
 def _booted_workers(stack: Stack) -> int:
@@ -46,21 +31,13 @@ def _booted_workers(stack: Stack) -> int:
 
 
 def test_make_reload_under_traffic_fails_no_request(stack: Stack) -> None:
-    nginx_before = _nginx_worker_pids(stack)
+    nginx_before = stack.nginx_worker_pids()
     booted_before = _booted_workers(stack)
     assert nginx_before, "no nginx worker process found"
 
     with PacedTraffic(stack.client, duration=DURATION, max_requests=MAX_REQUESTS) as traffic:
         time.sleep(3)
-        reload = subprocess.run(
-            ["make", "--no-print-directory", "reload"],
-            cwd=ROOT,
-            env={**os.environ, **stack.env, "COMPOSE_PROJECT_NAME": stack.project},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        reload = stack.make("reload")
         time.sleep(DURATION - 3)
     assert reload.returncode == 0, reload.stdout + reload.stderr
 
@@ -70,12 +47,12 @@ def test_make_reload_under_traffic_fails_no_request(stack: Stack) -> None:
     # Both really reloaded: new nginx workers, and gunicorn booted a new set of workers.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if _nginx_worker_pids(stack).isdisjoint(nginx_before) and (
+        if stack.nginx_worker_pids().isdisjoint(nginx_before) and (
             _booted_workers(stack) >= booted_before + 2
         ):
             break
         time.sleep(0.5)
-    assert _nginx_worker_pids(stack).isdisjoint(nginx_before), "nginx workers were not replaced"
+    assert stack.nginx_worker_pids().isdisjoint(nginx_before), "nginx workers were not replaced"
     assert _booted_workers(stack) >= booted_before + 2, "gunicorn booted no new workers"
     for record in stack.records("app")[-200:]:
         assert record.get("level") not in ("error", "critical"), record

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.integration
         ("APP_MODULE", "no colon here"),
         ("WEB_CONCURRENCY", "lots"),
         ("SHUTDOWN_TIMEOUT", "60"),
+        ("WS_MAX_MESSAGE_SIZE", "1MB"),
     ],
 )
 def test_bad_setting_stops_startup_with_its_message(

@@ -69,9 +69,22 @@ def test_gate_passes_and_the_app_counted_every_request(server: Server, tmp_path:
     cross = summary["crosscheck"]
     assert cross["passed"] is True
     assert abs(cross["difference"]) <= cross["tolerance"]
-    assert cross["locust_count"] == total["requests"]  # no nginx: everything is app-routed
-    names = {r["name"] for r in summary["summary"]["routes"]}
+    routes = summary["summary"]["routes"]
+    websocket = {r["name"]: r for r in routes if r["method"] == "WS"}
+    # No nginx: every HTTP request is app-routed; WebSocket steps are no HTTP requests.
+    http = total["requests"] - sum(r["requests"] for r in websocket.values())
+    assert cross["locust_count"] == http
+    names = {r["name"] for r in routes}
     assert {"/api/hello", "/api/items/{item_id}", "/api/orders", "/api/orders [422]"} <= names
+    # The WebSocket user and the event-stream consumer ran, and nothing of theirs failed.
+    assert set(websocket) == {"/ws/echo [connect]", "/ws/echo [echo]", "/ws/echo [session]"}
+    assert websocket["/ws/echo [session]"]["requests"] >= 1
+    assert websocket["/ws/echo [echo]"]["requests"] >= 10
+    events = next(r for r in routes if r["name"] == "/api/events")
+    assert events["requests"] >= 1
+    assert events["failures"] == 0
+    gate_checks = {(c["threshold"], c["subject"]) for c in summary["checks"]}
+    assert ("max_error_ratio", "WS /ws/echo [session]") in gate_checks
     assert {"/static/css/{asset}", "/static/js/{asset}"} <= names
     report_dir = next(tmp_path.iterdir())
     for name in ("report.html", "locust_stats.csv", "locust.json", "locust.log"):

@@ -24,10 +24,11 @@ from typing import Any
 
 import pytest
 import yaml
+from fastapi.sse import _PING_INTERVAL as SSE_KEEPALIVE
 from prometheus_client import CollectorRegistry, generate_latest
 
 from app.main import MAX_SLOW_SECONDS
-from server.metrics import HttpMetrics, MasterCollector
+from server.metrics import HttpMetrics, MasterCollector, WebSocketMetrics
 from server.settings import Settings
 from tests.monitoring import promql
 
@@ -120,6 +121,19 @@ def test_nginx_waits_longer_than_the_app_decides() -> None:
     assert send >= read
 
 
+def test_websocket_pings_keep_sessions_alive_through_nginx() -> None:
+    read = seconds(nginx_directive("proxy/websocket.conf", "proxy_read_timeout"))
+    send = seconds(nginx_directive("proxy/websocket.conf", "proxy_send_timeout"))
+    assert DEFAULTS.ws_ping_interval < read, (
+        f"WS_PING_INTERVAL={DEFAULTS.ws_ping_interval}s is not shorter than nginx's WebSocket "
+        f"proxy_read_timeout {read}s: idle sessions would be cut by nginx"
+    )
+    assert send >= read
+    # Event streams go through the ordinary location: the app's keep-alive comments
+    # (FastAPI's, for a quiet stream) must come before nginx's read timeout.
+    assert seconds(nginx_directive("proxy/app.conf", "proxy_read_timeout")) > SSE_KEEPALIVE
+
+
 def test_the_load_generator_waits_longer_than_nginx() -> None:
     text = (ROOT / "loadtests" / "locustfile.py").read_text()
     match = re.search(r"^\s*network_timeout = ([0-9.]+)", text, flags=re.MULTILINE)
@@ -200,6 +214,9 @@ def exported_metric_names() -> set[str]:
     metrics = HttpMetrics(registry)
     metrics.requests.labels("GET", "/", "200").inc()
     metrics.duration.labels("GET", "/").observe(0.01)
+    websocket = WebSocketMetrics(registry)
+    websocket.messages.labels("/ws", "in").inc()
+    websocket.sessions.labels("/ws", "1000").inc()
     registry.register(MasterCollector(lambda: [], "contract"))
     text = generate_latest(registry).decode()
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1].isalpha()}

@@ -67,6 +67,10 @@ def test_empty_web_concurrency_means_auto() -> None:
         ("SHUTDOWN_DELAY", "5s", "whole seconds from 0 to 300"),
         ("SHUTDOWN_DELAY", "301", "whole seconds from 0 to 300"),
         ("RELOAD", "sometimes", "true or false"),
+        ("WS_PING_INTERVAL", "0", "whole seconds from 1 to 3600"),
+        ("WS_PING_TIMEOUT", "soon", "whole seconds from 1 to 3600"),
+        ("WS_MAX_MESSAGE_SIZE", "1MB", "bytes, an integer from 1 to 67108864"),
+        ("WS_MAX_MESSAGE_SIZE", "0", "bytes, an integer from 1 to 67108864"),
     ],
 )
 def test_invalid_value_names_variable_and_what_it_accepts(
