@@ -1,18 +1,22 @@
 #!/bin/sh
 # ┌──────────────────────────────────────────────────────────────────────────┐
-# │ nginx entrypoint: certificate, settings, config test, then nginx as PID 1 │
+# │ nginx entrypoint: certificate, settings, then the supervisor as PID 1    │
 # └──────────────────────────────────────────────────────────────────────────┘
 # 1. A certificate: the mounted one (TLS_CERT/TLS_KEY) is used as is; when none
 #    is there a self-signed one is made (first run, dev, CI). Never overwritten.
+#    nginx reads a checked copy of it in /tmp/nginx/tls (nginx-certificate).
 # 2. The few environment-dependent values are validated and rendered into
 #    /tmp/nginx/settings/*.conf, which the static config includes (the root
 #    filesystem is read-only; nginx cannot read the environment itself).
-# 3. `nginx -t`, then exec: nginx becomes PID 1 and gets the stop signal.
+# 3. exec nginx-supervisor (nginx/supervisor.sh): PID 1, nginx its child, the
+#    error log as JSON, the upstream following the app's replicas, the
+#    certificate followed on change. `nginx -t`/`-T` commands run nginx directly.
 # https://nginx.org/en/docs/ngx_core_module.html#include
 # https://docs.docker.com/reference/dockerfile/#entrypoint
 set -eu
 
 SETTINGS_DIR=/tmp/nginx/settings
+TLS_DIR=/tmp/nginx/tls  # the checked copy of TLS_CERT/TLS_KEY that nginx reads
 
 # ── settings (defaults documented in the README / .env.example) ─────────────
 SERVER_NAMES=${SERVER_NAMES:-localhost 127.0.0.1}
@@ -25,6 +29,7 @@ HTTPS_REDIRECT_PORT=${HTTPS_REDIRECT_PORT:-}
 TLS_CERT=${TLS_CERT:-/etc/nginx/certs/fullchain.pem}
 TLS_KEY=${TLS_KEY:-/etc/nginx/certs/privkey.pem}
 TLS_SELF_SIGNED_DAYS=${TLS_SELF_SIGNED_DAYS:-365}
+UPSTREAM_WATCH_INTERVAL=${UPSTREAM_WATCH_INTERVAL:-1}
 
 # One JSON object per line, like every other log line of the stack.
 json_string() { printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/\t/\\t/g'; }
@@ -58,6 +63,8 @@ require HTTPS_REDIRECT_PORT "$HTTPS_REDIRECT_PORT" '([1-9][0-9]{0,4})?' "a port 
 require TLS_CERT "$TLS_CERT" '/[A-Za-z0-9._/-]+' "an absolute path"
 require TLS_KEY "$TLS_KEY" '/[A-Za-z0-9._/-]+' "an absolute path"
 require TLS_SELF_SIGNED_DAYS "$TLS_SELF_SIGNED_DAYS" '[1-9][0-9]*' "a number of days"
+require UPSTREAM_WATCH_INTERVAL "$UPSTREAM_WATCH_INTERVAL" '(0\.[1-9][0-9]?|[1-9](\.[0-9]{1,2})?)' \
+    "seconds between two looks at the app's replicas, 0.1 to 9.99, e.g. 1"
 
 # ── 1. certificate ──────────────────────────────────────────────────────────
 # Subject alternative names of the self-signed certificate: localhost,
@@ -116,10 +123,12 @@ render_settings() {
     mkdir -p "$SETTINGS_DIR"
 
     printf 'server_name %s;\n' "$SERVER_NAMES" >"$SETTINGS_DIR/server-names.conf"
+    # The name as given, for `nginx -t`; the supervisor replaces it with the ready
+    # addresses before nginx starts, and follows them.
     printf 'server %s;\n' "$APP_UPSTREAM" >"$SETTINGS_DIR/upstream-server.conf"
     printf 'client_max_body_size %s;\n' "$CLIENT_MAX_BODY_SIZE" >"$SETTINGS_DIR/client-max-body-size.conf"
-    printf 'ssl_certificate %s;\nssl_certificate_key %s;\n' "$TLS_CERT" "$TLS_KEY" \
-        >"$SETTINGS_DIR/tls-certificate.conf"
+    printf 'ssl_certificate %s/fullchain.pem;\nssl_certificate_key %s/privkey.pem;\n' \
+        "$TLS_DIR" "$TLS_DIR" >"$SETTINGS_DIR/tls-certificate.conf"
 
     printf 'limit_req_zone $rate_limit_key zone=per_client:10m rate=%s;\n' "$RATE_LIMIT" \
         >"$SETTINGS_DIR/rate-limit-zone.conf"
@@ -143,7 +152,8 @@ render_settings() {
     log "settings: SERVER_NAMES='$SERVER_NAMES' APP_UPSTREAM=$APP_UPSTREAM" \
         "RATE_LIMIT=$RATE_LIMIT RATE_LIMIT_BURST=$RATE_LIMIT_BURST" \
         "RATE_LIMIT_ALLOWLIST='$RATE_LIMIT_ALLOWLIST' CLIENT_MAX_BODY_SIZE=$CLIENT_MAX_BODY_SIZE" \
-        "HTTPS_REDIRECT_PORT=${HTTPS_REDIRECT_PORT:-443} TLS_CERT=$TLS_CERT"
+        "HTTPS_REDIRECT_PORT=${HTTPS_REDIRECT_PORT:-443} TLS_CERT=$TLS_CERT" \
+        "UPSTREAM_WATCH_INTERVAL=$UPSTREAM_WATCH_INTERVAL"
 }
 
 # ── per-client limits, body buffering, workers (limits/, nginx.conf) ────────
@@ -272,21 +282,22 @@ render_tls_groups() {
 # ── main ────────────────────────────────────────────────────────────────────
 mkdir -p /tmp/nginx || die "/tmp is not writable: mount a tmpfs at /tmp"
 ensure_certificate
+summary=$(nginx-certificate "$TLS_CERT" "$TLS_KEY" "$TLS_DIR" 2>&1) || die "$summary"
+log "certificate: $summary"
 render_settings
 render_limits
 render_hsts
 render_tls_groups
 
 if [ "${1:-}" = nginx ]; then
-    # Fail here, with nginx's own message, rather than restart-looping later.
-    # `-e stderr`: nginx opens its error log before reading the config, and
-    # the compiled-in path is not writable by this user.
-    case " $* " in
-        *" -t "* | *" -T "*) ;;  # the command is a config test already
-        *) nginx -t -q -e stderr ;;
-    esac
     shift
-    exec nginx -e stderr "$@"
+    case " $* " in
+        # A config test (`-e stderr`: nginx opens its error log before reading the
+        # config, and the compiled-in path is not writable by this user).
+        *" -t "* | *" -T "*) exec nginx -e stderr "$@" ;;
+    esac
+    export APP_UPSTREAM UPSTREAM_WATCH_INTERVAL TLS_CERT TLS_KEY
+    exec nginx-supervisor "$@"
 fi
 
 exec "$@"
