@@ -83,9 +83,8 @@ for want in 'HTTP/1.1 500' 'Content-Type: application/json' 'X-Request-ID: check
 done
 
 say "error-log.awk: nginx's line formats become JSON objects with the core keys"
-# The converter in the image (its awk, LC_ALL=C) on the formats nginx writes; every
-# output line is checked with the image's own parser of record: python is not there,
-# so the structure is checked here by pattern and by the e2e tests with json.loads.
+# The converter in the image (its own awk) on each format nginx writes, checked by
+# pattern here; tests/e2e/test_nginx_supervisor.py parses live lines with json.loads.
 sample='2026/12/01 11:09:58 [error] 52#52: *20 client intended to send too large body: 67108864 bytes, client: 10.0.0.1, server: localhost, request: "POST /api/orders HTTP/1.1", host: "localhost:8443"
 2026/12/01 11:10:00 [warn] 53#53: *22 upstream server temporarily disabled while connecting to upstream, client: 10.0.0.1, server: localhost, request: "GET /a\"b HTTP/1.1", upstream: "http://10.0.0.2:8000/a", host: "localhost"
 nginx: [emerg] unknown directive "foo" in /etc/nginx/nginx.conf:1

@@ -11,7 +11,8 @@ the tests run in file order on it:
    the watcher drops them), 0 failed.
 4. certificate: a new pair written into the volume is served without a failed request; a
    key that does not match is refused with a JSON error line, the good one keeps serving.
-5. app down: nginx's 502 lines (connect() refused) are JSON with the upstream and errno,
+5. app down: nginx's 502/504 lines (connect() refused / timed out) are JSON with the
+   upstream and errno,
    and the watcher keeps the last set (never an empty upstream).
 6. every line nginx's container wrote on stderr during all this is a JSON object with the
    core keys (timestamp, level, logger, event).
@@ -325,19 +326,24 @@ def test_certificate_change_is_served_without_a_failed_request(edge: Stack, tmp_
 
 
 def test_app_down_gives_json_502_lines_and_keeps_the_upstream(edge: Stack) -> None:
+    # A stopped container's address is gone from the network: nginx's connect() is either
+    # refused (111, 502) or times out after proxy_connect_timeout (110, 504).
     kept = upstreams(edge)
     edge.compose("stop", "app", timeout=120)
     try:
         with edge.client() as client:
-            for _ in range(3):
+            for _ in range(2):
                 response = client.get("/api/hello")
-                assert response.status_code == 502, response.text
+                assert response.status_code in (502, 504), response.text
         time.sleep(3)  # several watcher turns with nothing ready
         assert upstreams(edge) == kept, "the watcher emptied or changed the upstream"
         records = stderr_records(edge)
-        refused = [r for r in records if r.get("errno") == 111]
-        assert refused, "no connect() refused line"
-        assert all(r["level"] == "error" and r["upstream"].startswith("http://") for r in refused)
+        failed = [r for r in records if r.get("errno") in (110, 111) and "upstream" in r]
+        assert failed, "no connect() refused / timed out line"
+        for record in failed:
+            assert record["level"] == "error"
+            assert record["upstream"].startswith("http://")
+            assert "while connecting to upstream" in record["event"]
         assert any("keeping the last set" in r.get("event", "") for r in records)
     finally:
         edge.compose("start", "app", timeout=120)

@@ -102,6 +102,22 @@ def test_timeouts_nest_from_the_app_to_docker() -> None:
         assert delay + gunicorn < docker, ladder
 
 
+def test_nginx_drops_a_draining_replica_before_it_stops_serving() -> None:
+    # nginx's supervisor looks every UPSTREAM_WATCH_INTERVAL, each probe waits at most
+    # PROBE_TIMEOUT: a replica answering /readyz 503 for SHUTDOWN_DELAY is out of the
+    # upstream before it stops listening.
+    interval = float(entrypoint_default("UPSTREAM_WATCH_INTERVAL"))
+    supervisor = (ROOT / "nginx" / "supervisor.sh").read_text()
+    match = re.search(r"^PROBE_TIMEOUT=(\d+)", supervisor, flags=re.MULTILINE)
+    assert match, "nginx/supervisor.sh sets no PROBE_TIMEOUT"
+    worst = interval + 2 * int(match[1])  # a turn, then its probe, then the next probe
+    assert worst < DEFAULTS.shutdown_delay, (
+        f"UPSTREAM_WATCH_INTERVAL {interval}s + probes {worst - interval}s >= "
+        f"SHUTDOWN_DELAY {DEFAULTS.shutdown_delay}s: a draining replica could still get "
+        "requests after it stopped listening"
+    )
+
+
 # ── keep-alive and read timeouts ────────────────────────────────────────────
 
 
