@@ -191,7 +191,7 @@ def setups(settings: Settings) -> list[Setup]:
         port = free_port()
         cert = self_signed(work / "certs")
         conf = work / "nginx"
-        conf.mkdir()
+        conf.mkdir(exist_ok=True)
         (conf / "nginx.conf").write_text(DEFAULT_NGINX_PROXY.format(port=port, upstream=upstream))
         try:
             nginx = start_container(
