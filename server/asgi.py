@@ -22,6 +22,7 @@ from server.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from server.middleware import ASGIApp
+    from server.otlp import SpanExport
 
 __all__ = ["app", "wrap"]
 
@@ -30,9 +31,12 @@ def wrap(
     user_app: ASGIApp,
     metrics: HttpMetrics | None = None,
     ws_metrics: WebSocketMetrics | None = None,
+    spans: SpanExport | None = None,
 ) -> ASGIApp:
-    """Put the serving layer's middleware around an ASGI app (metrics None: no HTTP metrics)."""
-    return HealthMiddleware(ObservabilityMiddleware(user_app, metrics, ws_metrics), STATE)
+    """Put the serving layer's middleware around an ASGI app (metrics None: no HTTP
+    metrics; spans None: no span export)."""
+    observed = ObservabilityMiddleware(user_app, metrics, ws_metrics, spans)
+    return HealthMiddleware(observed, STATE)
 
 
 APP_LOAD_ERROR = 4  # gunicorn's Arbiter.APP_LOAD_ERROR: the master halts instead of respawning
@@ -54,7 +58,12 @@ def create_app(settings: Settings) -> ASGIApp:
             "cannot load the application", app_module=settings.app_module, error=str(error)
         )
         sys.exit(APP_LOAD_ERROR)
-    return wrap(user_app, HttpMetrics() if settings.http_metrics == "on" else None)
+    spans = None
+    if settings.otel_exporter_otlp_endpoint:  # else OpenTelemetry is never imported
+        from server.otlp import SpanExport
+
+        spans = SpanExport(settings.app_version)
+    return wrap(user_app, HttpMetrics() if settings.http_metrics == "on" else None, spans=spans)
 
 
 app = create_app(get_settings())

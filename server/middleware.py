@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     Send = Callable[[Message], Awaitable[None]]
     ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+    from server.otlp import SpanExport
+
 __all__ = ["ObservabilityMiddleware", "route_template", "send_json"]
 
 _error_log = get_logger("server.errors")
@@ -56,12 +58,14 @@ class ObservabilityMiddleware:
         app: ASGIApp,
         metrics: HttpMetrics | None,
         ws_metrics: WebSocketMetrics | None = None,
+        spans: SpanExport | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics or _NoMetrics()
         self.ws_metrics = ws_metrics or WebSocketMetrics()
+        self.spans = spans  # OTLP export (server/otlp.py), when configured
 
-    async def __call__(  # noqa: PLR0915 - one flat function: each call costs on the hot path
+    async def __call__(  # noqa: PLR0912, PLR0915 - one flat function: calls cost on the hot path
         self, scope: Scope, receive: Receive, send: Send
     ) -> None:
         if scope["type"] != "http":
@@ -92,6 +96,8 @@ class ObservabilityMiddleware:
         scope["headers"] = [h for h in headers if h[0] not in dropped]
         scope["headers"] += ((request_id.HEADER, rid_bytes), (trace_context.HEADER, traceparent))
         tokens = _bind(request_id=rid, trace_id=span.trace_id, span_id=span.span_id)
+        spans = self.spans
+        exported = spans.start(span, scope) if spans is not None else None
 
         status = 500
         response_started = False
@@ -138,6 +144,8 @@ class ObservabilityMiddleware:
                 # to begin; the access line below has its whole duration.
                 EVENT_STREAMS.closed(stream)
                 metrics.observe(method, route, status, stream_started - started, span.trace_id)
+            if spans is not None and exported is not None:
+                spans.end(exported, method, route, status)
             client = scope.get("client")
             log_access(
                 {
@@ -161,6 +169,8 @@ class ObservabilityMiddleware:
                 metrics.flush()
                 self.ws_metrics.flush()
                 flush_access_lines()
+                if self.spans is not None:
+                    self.spans.shutdown()
             await send(message)
 
         await self.app(scope, receive, flush_then_send)

@@ -96,12 +96,18 @@ class Settings(BaseSettings):
         alias="PROMETHEUS_MULTIPROC_DIR",
     )
 
+    # Span export over OTLP/HTTP (server/otlp.py): off when empty. The OpenTelemetry SDK
+    # reads this variable itself (and its other OTEL_* ones); here it is validated.
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None, pattern=r"^https?://[^\s\"'\\]+$", alias="OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+
     @field_validator("log_level", "log_format", "http_metrics", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("web_concurrency", mode="before")
+    @field_validator("web_concurrency", "otel_exporter_otlp_endpoint", mode="before")
     @classmethod
     def _empty_is_auto(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -160,6 +166,7 @@ _ACCEPTS = {
     "METRICS_PORT": "an integer from 1 to 65535, different from PORT",
     "HTTP_METRICS": "on or off",
     "PROMETHEUS_MULTIPROC_DIR": "a writable directory path",
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "an http(s) URL of an OTLP/HTTP collector, or empty",
 }
 
 

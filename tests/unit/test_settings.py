@@ -110,3 +110,12 @@ def test_every_setting_is_documented_in_env_example() -> None:
     }
     aliases = {field.alias for field in Settings.model_fields.values()}
     assert aliases <= documented, aliases - documented
+
+
+def test_otlp_endpoint_is_off_when_empty_and_must_be_a_url() -> None:
+    assert load_settings({}).otel_exporter_otlp_endpoint is None
+    assert load_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": ""}).otel_exporter_otlp_endpoint is None
+    url = "http://collector:4318"
+    assert load_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": url}).otel_exporter_otlp_endpoint == url
+    with pytest.raises(SettingsError, match="OTEL_EXPORTER_OTLP_ENDPOINT='collector:4318'"):
+        load_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"})
