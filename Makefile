@@ -14,7 +14,8 @@ PYTEST := $(BIN)/pytest
 # `make up BASE=local`: build on the Debian-built base images (no registry needed).
 LOCAL_BASE := PYTHON_IMAGE=localbase/python:trixie NGINX_IMAGE=localbase/nginx:trixie \
 	PROMETHEUS_IMAGE=localbase/prometheus:trixie NGINX_EXPORTER_IMAGE=localbase/nginx-exporter:trixie \
-	ALERTMANAGER_IMAGE=localbase/alertmanager:trixie
+	ALERTMANAGER_IMAGE=localbase/alertmanager:trixie \
+	BLACKBOX_EXPORTER_IMAGE=localbase/blackbox-exporter:trixie ACME_BASE_IMAGE=localbase/acme:trixie
 ifeq ($(BASE),local)
 COMPOSE := $(LOCAL_BASE) docker compose
 endif
@@ -62,7 +63,7 @@ lint: install ## Static checks: ruff, mypy, hadolint, docker compose config
 	$(BIN)/mypy
 	bash scripts/lint-dockerfiles.sh
 	bash scripts/ensure-compose.sh
-	$(COMPOSE) --profile monitoring --profile loadtest config --quiet
+	$(COMPOSE) --profile monitoring --profile loadtest --profile acme config --quiet
 	$(DEV_COMPOSE) config --quiet
 
 # --- tests -----------------------------------------------------------------------------
@@ -179,7 +180,7 @@ dashboard-preview: ## Draw the dashboard's main panels from a live Prometheus in
 
 .PHONY: down
 down: ## Stop and remove the stack's containers (volumes are kept)
-	$(COMPOSE) --profile monitoring --profile loadtest down --remove-orphans
+	$(COMPOSE) --profile monitoring --profile loadtest --profile acme down --remove-orphans
 
 .PHONY: logs
 logs: ## Follow the logs of every service

@@ -10,10 +10,15 @@
 #   localbase/prometheus:trixie      ~ prom/prometheus                 (prometheus, promtool, user nobody)
 #   localbase/nginx-exporter:trixie  ~ nginx/nginx-prometheus-exporter (nginx-prometheus-exporter on PATH)
 #   localbase/alertmanager:trixie    ~ prom/alertmanager               (alertmanager, amtool, user nobody)
+#   localbase/blackbox-exporter:trixie ~ prom/blackbox-exporter        (blackbox_exporter on PATH)
+#   localbase/acme:trixie            ~ python:3.13-slim + Debian's lego and openssl
+#                                      (what acme/Dockerfile installs on the official image)
+#   localbase/pebble:trixie          Debian's pebble + pebble-challtestsrv: the test ACME CA
+#                                      of the e2e tests (tests/e2e/acme/), never deployed
 #
 # The same Dockerfiles build on these and on the official images; they are passed as
 # build args (PYTHON_IMAGE, NGINX_IMAGE, PROMETHEUS_IMAGE, NGINX_EXPORTER_IMAGE,
-# ALERTMANAGER_IMAGE).
+# ALERTMANAGER_IMAGE, BLACKBOX_EXPORTER_IMAGE, ACME_BASE_IMAGE).
 #
 # Cache: every image is also tagged `localbase/<name>:recipe-<hash>`, the hash covering
 # its recipe (package list, hooks, image config) and the common build options. When that
@@ -22,7 +27,8 @@
 # up a Debian point release).
 #
 # Usage: scripts/base-images.sh [--force] [--jobs N] [name ...]
-#        (names: python nginx prometheus nginx-exporter alertmanager)
+#        (names: python nginx prometheus nginx-exporter alertmanager blackbox-exporter acme
+#         pebble)
 # Env:   DEBIAN_MIRROR (default http://deb.debian.org/debian)
 #        DEBIAN_SECURITY_MIRROR (default http://deb.debian.org/debian-security)
 #        BASE_IMAGES_JOBS (parallel builds, default 2: the work is mostly download + dpkg)
@@ -35,7 +41,7 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 JOBS=${BASE_IMAGES_JOBS:-2}
 FORCE=0
-ALL_IMAGES=(python nginx prometheus nginx-exporter alertmanager)
+ALL_IMAGES=(python nginx prometheus nginx-exporter alertmanager blackbox-exporter acme pebble)
 
 log() { printf '[base-images] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -125,6 +131,36 @@ recipe_alertmanager() {
     echo 'change VOLUME ["/alertmanager"]'
     echo 'change ENTRYPOINT ["/usr/bin/alertmanager"]'
     echo 'change CMD ["--config.file=/etc/alertmanager/alertmanager.yml", "--storage.path=/alertmanager"]'
+recipe_blackbox-exporter() {
+    # prom/blackbox-exporter: the upstream binary name, runs as nobody; the config is
+    # mounted by docker-compose.yml (monitoring/blackbox/blackbox.yml).
+    echo "pkg prometheus-blackbox-exporter"
+    echo "pkg ca-certificates"
+    echo 'hook ln -sf prometheus-blackbox-exporter "$1/usr/bin/blackbox_exporter"'
+    echo 'hook rm -rf "$1/etc/init.d" "$1/etc/default/prometheus-blackbox-exporter"'
+    echo "change ENV PATH=$PATH_DEFAULT"
+    echo 'change USER nobody'
+    echo 'change EXPOSE 9115'
+    echo 'change ENTRYPOINT ["/usr/bin/blackbox_exporter"]'
+    echo 'change CMD ["--config.file=/etc/blackbox_exporter/config.yml"]'
+}
+
+recipe_acme() {
+    # python:3.13-slim plus the two packages acme/Dockerfile installs when they are
+    # missing (lego, the ACME client; openssl, to read certificates), so that build
+    # needs no package download here.
+    recipe_python
+    echo "pkg lego"
+    echo "pkg openssl"
+}
+
+recipe_pebble() {
+    # Let's Encrypt's test CA and its DNS/challenge test server, for the e2e tests only:
+    # `pebble` and `pebble-challtestsrv` on PATH, run as nobody.
+    echo "pkg pebble"
+    echo "change ENV PATH=$PATH_DEFAULT"
+    echo 'change USER nobody'
+    echo 'change CMD ["pebble", "-h"]'
 }
 
 # ── common mmdebstrap options (part of every image's hash) ──────────────────

@@ -50,6 +50,8 @@ LOCAL_BASE_IMAGES = {
     "PROMETHEUS_IMAGE": "localbase/prometheus:trixie",
     "NGINX_EXPORTER_IMAGE": "localbase/nginx-exporter:trixie",
     "ALERTMANAGER_IMAGE": "localbase/alertmanager:trixie",
+    "BLACKBOX_EXPORTER_IMAGE": "localbase/blackbox-exporter:trixie",
+    "ACME_BASE_IMAGE": "localbase/acme:trixie",
 }
 # Backend subnets for test stacks: /24s of this range that no docker network or host
 # route uses (10.240.0.0/24 is the compose default, left to a real stack).
@@ -449,6 +451,7 @@ def e2e_env() -> dict[str, str]:
             "NGINX_IMAGE_NAME": "asgi-stack-e2e/nginx",
             "PROMETHEUS_IMAGE_NAME": "asgi-stack-e2e/prometheus",
             "LOCUST_IMAGE": "asgi-stack-e2e/locust",
+            "ACME_IMAGE": "asgi-stack-e2e/acme",
         }
     )
     if base == "local":

@@ -58,6 +58,28 @@ NGINX_EXPORTER_METRICS = frozenset(
         "nginx_http_requests_total",
     }
 )
+# blackbox_exporter 0.26 (monitoring/blackbox/blackbox.yml, job "tls"): the served certificate.
+# https://github.com/prometheus/blackbox_exporter/blob/master/prober/tls.go
+BLACKBOX_METRICS = frozenset(
+    {
+        "probe_success",
+        "probe_duration_seconds",
+        "probe_ssl_earliest_cert_expiry",
+        "probe_ssl_last_chain_info",
+        "probe_tls_version_info",
+    }
+)
+# The ACME client (acme/client.py, job "acme").
+ACME_METRICS = frozenset(
+    {
+        "acme_managing",
+        "acme_consecutive_failures",
+        "acme_attempts_total",
+        "acme_last_success_timestamp_seconds",
+        "acme_next_attempt_timestamp_seconds",
+        "acme_certificate_not_after_seconds",
+    }
+)
 # Series Prometheus writes for every target, and the few of its own metrics we alert on.
 PROMETHEUS_METRICS = frozenset(
     {
@@ -72,7 +94,14 @@ PROMETHEUS_METRICS = frozenset(
 )
 # Alertmanager 0.28's own, scraped by the `alertmanager` job.
 ALERTMANAGER_METRICS = frozenset({"alertmanager_notifications_failed_total"})
-SCRAPED_METRICS = APP_METRICS | NGINX_EXPORTER_METRICS | PROMETHEUS_METRICS | ALERTMANAGER_METRICS
+SCRAPED_METRICS = (
+    APP_METRICS
+    | NGINX_EXPORTER_METRICS
+    | BLACKBOX_METRICS
+    | ACME_METRICS
+    | PROMETHEUS_METRICS
+    | ALERTMANAGER_METRICS
+)
 
 # Values Grafana substitutes before a query reaches Prometheus. The durations are the ones
 # Grafana computes for this stack: timeInterval 10s -> $__rate_interval >= 4 x 10s.

@@ -13,7 +13,10 @@ Docker, no network.
   the load generator longer than nginx (the one that answers is the one that knows why);
 - ports: the app's PORT / METRICS_PORT against nginx's upstream, compose `expose`, the
   healthchecks, Prometheus' targets; nginx's listeners against compose's port mappings;
-- metric names: what the server really exports is what monitoring/ may query.
+- metric names: what the server really exports is what monitoring/ may query;
+- ACME: the client and nginx agree on the names, the certificate files, the challenge
+  webroot and the uid that owns the shared volumes; Prometheus scrapes the client's port and
+  probes nginx's TLS port through the blackbox exporter.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import yaml
 from fastapi.sse import _PING_INTERVAL as SSE_KEEPALIVE
 from prometheus_client import CollectorRegistry, generate_latest
 
+from acme import client as acme_client
+from acme import settings as acme_settings
 from app.main import MAX_SLOW_SECONDS
 from server.metrics import HttpMetrics, MasterCollector, WebSocketMetrics
 from server.settings import Settings
@@ -251,6 +256,8 @@ def test_monitoring_knows_exactly_the_metrics_the_server_exports() -> None:
 def test_rules_and_dashboards_query_only_exported_names(source: str) -> None:
     allowed = (
         exported_metric_names()
+        | acme_metric_names()
+        | promql.BLACKBOX_METRICS
         | promql.NGINX_EXPORTER_METRICS
         | promql.PROMETHEUS_METRICS
         | promql.ALERTMANAGER_METRICS
@@ -262,3 +269,71 @@ def test_rules_and_dashboards_query_only_exported_names(source: str) -> None:
         exprs = [query.promql() for query in promql.panel_queries()]
     unknown = set().union(*(promql.metric_names(e) for e in exprs)) - allowed
     assert not unknown, f"{source} query metrics nobody exports: {sorted(unknown)}"
+
+
+# ── ACME ────────────────────────────────────────────────────────────────────
+
+
+def acme_metric_names() -> set[str]:
+    text = acme_client.Metrics().render()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1].isalpha()}
+
+
+def test_monitoring_knows_exactly_the_metrics_the_acme_client_exports() -> None:
+    assert acme_metric_names() == set(promql.ACME_METRICS)
+
+
+def volume_mounts(service: str) -> dict[str, str]:
+    """volume name (or host path) -> path in the container, without the mode."""
+    mounts = {}
+    for entry in SERVICES[service].get("volumes", []):
+        source, target = entry.split(":")[:2]
+        mounts[source] = target
+    return mounts
+
+
+def test_acme_client_and_nginx_agree_on_names_and_certificate_files() -> None:
+    for name in ("SERVER_NAMES", "TLS_CERT", "TLS_KEY"):
+        assert acme_settings.DEFAULTS[name] == entrypoint_default(name), name
+    assert volume_mounts("nginx")["tls-certs"] == str(acme_settings.CERT_DIR)
+    assert volume_mounts("acme")["tls-certs"] == str(acme_settings.CERT_DIR)
+    assert Path(acme_settings.DEFAULTS["TLS_CERT"]).parent == acme_settings.CERT_DIR
+
+
+def test_acme_challenges_are_written_where_nginx_serves_them() -> None:
+    root = nginx_directive("location/acme-challenge.conf", "root")
+    assert root == str(acme_client.WEBROOT)
+    assert volume_mounts("nginx")["acme-challenges"] == root
+    assert volume_mounts("acme")["acme-challenges"] == root
+    assert volume_mounts("acme")["acme-state"] == str(acme_client.LEGO_PATH)
+    # Both images run as uid 101 and create the shared mount points as 101, so whichever
+    # container initialises a fresh volume, the other can use it.
+    users = re.findall(r"^USER\s+(\S+)", (ROOT / "acme/Dockerfile").read_text(), re.MULTILINE)
+    assert users[-1] == "101:101"  # the user it runs as
+    for dockerfile in ("acme/Dockerfile", "nginx/Dockerfile"):
+        text = (ROOT / dockerfile).read_text()
+        assert re.search(rf"install -d -o 101 -g 101 .*{re.escape(root)}", text), dockerfile
+
+
+def test_prometheus_scrapes_the_acme_client_and_probes_nginx_tls() -> None:
+    config = yaml.safe_load((promql.PROMETHEUS_DIR / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    (acme_sd,) = jobs["acme"]["dns_sd_configs"]
+    assert acme_sd["names"] == ["acme"]
+    assert acme_sd["port"] == acme_client.METRICS_PORT
+    assert SERVICES["acme"]["expose"] == [str(acme_client.METRICS_PORT)]
+    assert str(acme_client.METRICS_PORT) in dockerfile_instruction("acme/Dockerfile", "EXPOSE")
+    (tls_sd,) = jobs["tls"]["dns_sd_configs"]
+    assert tls_sd["names"] == ["nginx"]
+    https_inner = int(
+        next(p for p in SERVICES["nginx"]["ports"] if "HTTPS_PORT" in p).rsplit(":", 1)[1]
+    )
+    assert tls_sd["port"] == https_inner
+    listen = next(a for a in SERVICES["blackbox-exporter"]["command"] if "listen-address" in a)
+    address = next(
+        r for r in jobs["tls"]["relabel_configs"] if r.get("target_label") == "__address__"
+    )
+    assert address["replacement"] == "blackbox-exporter:" + listen.rsplit(":", 1)[1]
+    blackbox = yaml.safe_load((ROOT / "monitoring" / "blackbox" / "blackbox.yml").read_text())
+    assert jobs["tls"]["params"]["module"] == ["tls_served"]
+    assert "tls_served" in blackbox["modules"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from acme.settings import DEFAULTS as ACME_DEFAULTS
 from loadtests.settings import load_settings as load_loadtest_settings
 from loadtests.settings import read_dotenv
 from server.settings import Settings
@@ -29,7 +30,7 @@ EXAMPLE = ROOT / ".env.example"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ALERTMANAGER_ENTRYPOINT = ROOT / "monitoring" / "alertmanager" / "entrypoint.sh"
 ENTRYPOINT = ROOT / "nginx" / "docker-entrypoint.sh"
-PROFILES = ("monitoring", "loadtest")
+PROFILES = ("monitoring", "loadtest", "acme")
 DOCUMENTED = re.compile(r"^# ([A-Z][A-Z0-9_]*)=(.*)$")
 
 
@@ -121,6 +122,15 @@ def test_every_variable_compose_reads_is_documented() -> None:
     assert not missing, f"not in .env.example: {sorted(missing)}"
 
 
+def test_shown_defaults_are_the_acme_clients() -> None:
+    shown = documented()
+    for name, default in ACME_DEFAULTS.items():
+        assert name in shown, f"{name} (acme/settings.py) is not in .env.example"
+        assert shown[name] == default, (
+            f"{name}: .env.example shows {shown[name]!r}, default {default!r}"
+        )
+
+
 # ── what each container receives ───────────────────────────────────────────
 
 
@@ -139,6 +149,7 @@ def test_each_service_gets_only_what_it_reads() -> None:
         "alertmanager": set(
             re.findall(r"\$\{(ALERTMANAGER_\w+)", ALERTMANAGER_ENTRYPOINT.read_text())
         ),
+        "acme": set(ACME_DEFAULTS),
     }
     services = compose_spec()["services"]
     for name, reads in readers.items():
