@@ -131,6 +131,8 @@ recipe_alertmanager() {
     echo 'change VOLUME ["/alertmanager"]'
     echo 'change ENTRYPOINT ["/usr/bin/alertmanager"]'
     echo 'change CMD ["--config.file=/etc/alertmanager/alertmanager.yml", "--storage.path=/alertmanager"]'
+}
+
 recipe_blackbox-exporter() {
     # prom/blackbox-exporter: the upstream binary name, runs as nobody; the config is
     # mounted by docker-compose.yml (monitoring/blackbox/blackbox.yml).
