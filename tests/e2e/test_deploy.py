@@ -147,9 +147,6 @@ def deploy_stack(stack_factory: StackFactory) -> Iterator[Stack]:
     image = f"asgi-stack-e2e/deploy-{stack_factory.run_id}"
     stack = stack_factory.up("deploy", env={"APP_IMAGE": image})
     try:
-        has = stack.exec("nginx", "sh", "-c", "command -v nginx-upstreams", check=False)
-        if has.returncode != 0:  # the edge's replica watcher: make deploy waits on it
-            pytest.skip("the nginx image has no `nginx-upstreams` (replica watcher) yet")
         stack.compose("up", "-d", "--no-deps", "--no-recreate", "--scale", f"app={REPLICAS}", "app")
         wait_for_upstream(stack, REPLICAS)
         yield stack

@@ -123,12 +123,6 @@ class SwarmStack:
             **kwargs,
         )
 
-    def nginx_follows_replicas(self) -> bool:
-        """The nginx image has the replica watcher (its `nginx-upstreams` command)."""
-        (task,) = self.tasks("nginx")
-        probe = ["docker", "exec", task["Id"], "sh", "-c", "command -v nginx-upstreams"]
-        return run(probe, check=False).returncode == 0
-
     def tasks(self, short: str) -> list[dict[str, Any]]:
         """Containers of the service's running tasks on this node, newest first."""
         ids = run(
@@ -304,11 +298,6 @@ def test_stack_serves_https_and_redirects(swarm: SwarmStack) -> None:
 
 
 def test_image_update_under_load_fails_no_request(swarm: SwarmStack) -> None:
-    if not swarm.nginx_follows_replicas():
-        pytest.skip(
-            "the nginx image has no replica watcher (nginx-upstreams): without it nginx keeps "
-            "the task addresses it resolved at start (measured: 824 of 1265 requests 502)"
-        )
     service = swarm.service("app")
     old = {t["Id"] for t in swarm.tasks("app")}
     with PacedTraffic(swarm.client, duration=240, max_requests=4000) as traffic:
@@ -360,11 +349,6 @@ def test_killed_task_is_replaced(swarm: SwarmStack) -> None:
 
 
 def test_scaled_to_three_every_replica_serves(swarm: SwarmStack) -> None:
-    if not swarm.nginx_follows_replicas():
-        pytest.skip(
-            "the nginx image has no replica watcher (nginx-upstreams): without it nginx keeps "
-            "the task addresses it resolved at start (measured: 824 of 1265 requests 502)"
-        )
     run(["docker", "service", "scale", "--detach=false", f"{swarm.service('app')}=3"], timeout=300)
     swarm.wait_healthy("app", 3)
     tasks = swarm.tasks("app")
