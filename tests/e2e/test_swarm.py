@@ -2,8 +2,12 @@
 
 The engine is put in swarm mode for this module only and ALWAYS taken out again
 (`docker swarm leave --force`): in the fixture's `finally`, and by `atexit` should the
-interpreter end some other way. A swarm this module did not create is never touched: if
-the engine is already in one, the tests fail and say so.
+interpreter end some other way. Swarm mode is state of the whole engine, so two runs of
+this module on one host (two checkouts, CI beside a developer) take turns: the fixture
+holds an exclusive flock on SWARM_LOCK from before it looks at the engine until it has
+left, and waits at most SWARM_LOCK_TIMEOUT for another run to finish. A swarm this module
+did not create is never touched: if the engine is in one once the lock is held, the tests
+fail and say so, and leaving checks that the node is still the one `swarm init` made.
 
 What runs, in order, on one deployment (deploy/swarm/deploy.sh, the images this session
 built, a certificate made here as a versioned config + secret):
@@ -21,9 +25,12 @@ mode and follows `tasks.app` with its replica watcher (deploy/swarm/stack.yml).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
+import fcntl
 import ipaddress
 import json
+import os
 import random
 import ssl
 import subprocess
@@ -49,6 +56,11 @@ pytestmark = pytest.mark.e2e
 DEPLOY = ROOT / "deploy" / "swarm" / "deploy.sh"
 CONVERGE_TIMEOUT = 240  # an update: per task start (healthy ~5-10 s) + delay 5 s, monitor 30 s
 REPLICA_FOLLOW_TIMEOUT = 30
+# One swarm test per engine at a time. /tmp, not $TMPDIR: every checkout on this host
+# must find the same file. The wait covers one whole run of this module after its image
+# builds (deploy, update, kill, scale, leave: 5-10 min on a busy 2-core host).
+SWARM_LOCK = Path("/tmp/asgi-stack-e2e-swarm.lock")
+SWARM_LOCK_TIMEOUT = 1200
 
 
 # ── the swarm, its stack, and leaving it ──────────────────────────────────────────────
@@ -56,6 +68,45 @@ REPLICA_FOLLOW_TIMEOUT = 30
 
 def _swarm_state() -> str:
     return run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"]).stdout.strip()
+
+
+def _swarm_node_id() -> str:
+    """This engine's swarm node id: new with every `swarm init`, empty outside a swarm."""
+    return run(["docker", "info", "--format", "{{.Swarm.NodeID}}"]).stdout.strip()
+
+
+@contextlib.contextmanager
+def _swarm_lock(timeout: float = SWARM_LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the host's swarm-test lock (flock: freed on any exit, even a kill -9)."""
+    handle = SWARM_LOCK.open("a+")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                pytest.fail(
+                    f"another swarm test on this engine still holds {SWARM_LOCK} after "
+                    f"{timeout:.0f} s ({holder}): swarm mode is engine-wide, run one at a time",
+                    pytrace=False,
+                )
+            time.sleep(2)
+    try:
+        handle.seek(0)
+        handle.truncate()
+        now = datetime.datetime.now(datetime.UTC)
+        handle.write(f"pid {os.getpid()} in {ROOT}, since {now:%H:%M:%S} UTC")
+        handle.flush()
+        yield
+    finally:
+        handle.seek(0)
+        handle.truncate()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def _free_pool() -> ipaddress.IPv4Network:
@@ -166,10 +217,10 @@ class SwarmStack:
         return proc.stdout + proc.stderr
 
 
-def _leave(stack_name: str, created_gwbridge: bool) -> None:
-    """Remove the stack and leave the swarm; safe to call twice."""
-    if _swarm_state() == "inactive":
-        return
+def _leave(stack_name: str, node_id: str, created_gwbridge: bool) -> None:
+    """Remove the stack and leave the swarm that made `node_id`; safe to call twice."""
+    if _swarm_state() == "inactive" or _swarm_node_id() != node_id:
+        return  # left already, or another swarm (not ours): never touched
     run(["docker", "stack", "rm", stack_name], check=False, timeout=120)
     deadline = time.monotonic() + 60  # containers stop gracefully (stop_grace_period 40 s)
     while time.monotonic() < deadline:
@@ -192,13 +243,6 @@ def _leave(stack_name: str, created_gwbridge: bool) -> None:
 def swarm(
     e2e_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SwarmStack]:
-    state = _swarm_state()
-    if state != "inactive":
-        pytest.fail(
-            f"the engine is already in swarm mode ({state}): this test creates its own single-"
-            "node swarm and would not touch another one",
-            pytrace=False,
-        )
     tag = e2e_env["APP_VERSION"]
     name = f"e2e-{tag.removeprefix('e2e-')}-swarm"
     env = dict(e2e_env)
@@ -213,43 +257,63 @@ def swarm(
         "app-v2": f"{env['APP_IMAGE']}:{tag}-v2",
         "nginx": f"{env['NGINX_IMAGE_NAME']}:{tag}",
     }
-
-    pool = _free_pool()
-    backend = list(pool.subnets(new_prefix=24))[-1]
     certs = tmp_path_factory.mktemp("swarm-certs")
     cert_file, key_file = _certificate(certs)
+    try:
+        lock_start = time.monotonic()
+        with _swarm_lock():
+            TIMINGS["swarm: waited for the host's swarm lock"] = time.monotonic() - lock_start
+            yield from _swarm_stack(name, env, images, cert_file, key_file)
+    finally:
+        run(["docker", "image", "rm", images["app-v2"]], check=False)
+
+
+def _swarm_stack(
+    name: str, env: dict[str, str], images: dict[str, str], cert_file: Path, key_file: Path
+) -> Iterator[SwarmStack]:
+    """Under the lock: a swarm of our own, the stack on it, and always leaving it."""
+    state = _swarm_state()
+    if state != "inactive":
+        pytest.fail(
+            f"the engine is already in swarm mode ({state}) though this run holds "
+            f"{SWARM_LOCK}: this test creates its own single-node swarm and would not "
+            "touch another one (`docker swarm leave --force` if it is a leftover)",
+            pytrace=False,
+        )
+    pool = _free_pool()
+    backend = list(pool.subnets(new_prefix=24))[-1]
     https_port, http_port = free_port(), free_port()
-    env.update(
-        {
-            "STACK_NAME": name,
-            "TLS_CERT_FILE": str(cert_file),
-            "TLS_KEY_FILE": str(key_file),
-            "HTTPS_PORT": str(https_port),
-            "HTTP_PORT": str(http_port),
-            "BACKEND_SUBNET": str(backend),
-            "SERVER_NAMES": "localhost",
-        }
-    )
+    env = {
+        **env,
+        "STACK_NAME": name,
+        "TLS_CERT_FILE": str(cert_file),
+        "TLS_KEY_FILE": str(key_file),
+        "HTTPS_PORT": str(https_port),
+        "HTTP_PORT": str(http_port),
+        "BACKEND_SUBNET": str(backend),
+        "SERVER_NAMES": "localhost",
+    }
     had_gwbridge = (
         run(["docker", "network", "inspect", "docker_gwbridge"], check=False).returncode == 0
     )
-    leave = atexit.register(_leave, name, not had_gwbridge)
+    start = time.monotonic()
+    run(
+        [
+            "docker",
+            "swarm",
+            "init",
+            "--advertise-addr",
+            "127.0.0.1",
+            "--listen-addr",
+            "127.0.0.1:2377",
+            "--default-addr-pool",
+            str(pool),
+        ],
+        timeout=120,
+    )  # a failed init (another swarm raced in) raises here: nothing of ours to leave
+    node_id = _swarm_node_id()
+    leave = atexit.register(_leave, name, node_id, not had_gwbridge)
     try:
-        run(
-            [
-                "docker",
-                "swarm",
-                "init",
-                "--advertise-addr",
-                "127.0.0.1",
-                "--listen-addr",
-                "127.0.0.1:2377",
-                "--default-addr-pool",
-                str(pool),
-            ],
-            timeout=120,
-        )
-        start = time.monotonic()
         run(["bash", str(DEPLOY), name], env=env, timeout=300)
         stack = SwarmStack(name, env, https_port, http_port, cert_file, images)
         stack.wait_healthy("app", 2)
@@ -258,10 +322,9 @@ def swarm(
         TIMINGS["swarm: init + stack deploy until HTTPS answers"] = time.monotonic() - start
         yield stack
     finally:
-        _leave(name, not had_gwbridge)
+        _leave(name, node_id, not had_gwbridge)
         atexit.unregister(leave)
-        run(["docker", "image", "rm", images["app-v2"]], check=False)
-    assert _swarm_state() == "inactive", "the engine is still in swarm mode"
+    assert _swarm_node_id() != node_id, "the engine is still in the swarm this test made"
 
 
 def _wait_serving(stack: SwarmStack, timeout: float = 60) -> None:
