@@ -52,6 +52,9 @@ CRD_KINDS = {
     ("cert-manager.io/v1", "Certificate"),
 }
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
+# How long CoreDNS' kubernetes plugin lets a record be cached (its `ttl`, default 5 s).
+# https://coredns.io/plugins/kubernetes/
+COREDNS_TTL = 5
 
 
 @cache
@@ -298,14 +301,38 @@ def test_ports_are_the_apps_and_nginxs() -> None:
         app = container(one(overlay, "Deployment", "app"), "app")
         ports = {p["name"]: p["containerPort"] for p in app["ports"]}
         assert ports == {"http": DEFAULTS.port, "metrics": DEFAULTS.metrics_port}
-        settings = configmap_data(overlay, "nginx-settings")
-        upstream = settings.get("APP_UPSTREAM", entrypoint_default("APP_UPSTREAM"))
-        host, port = upstream.rsplit(":", 1)
+        host, port = nginx_setting(overlay, "APP_UPSTREAM").rsplit(":", 1)
         assert int(port) == DEFAULTS.port
         service = one(overlay, "Service", host)
         assert {p["port"] for p in service["spec"]["ports"]} >= {DEFAULTS.port}
         nginx = container(one(overlay, "Deployment", "nginx"), "nginx")
         assert {p["containerPort"] for p in nginx["ports"]} <= nginx_listens()
+
+
+def nginx_setting(overlay: str, name: str) -> str:
+    """nginx's value of `name`: the overlay's nginx-settings, else the entrypoint's default."""
+    return configmap_data(overlay, "nginx-settings").get(name, entrypoint_default(name))
+
+
+def test_nginx_follows_the_ready_app_pods() -> None:
+    """APP_UPSTREAM names a headless Service of ready pods, so the replica watcher resolves
+    every app pod (as compose's replicas and Swarm's tasks.app), not one virtual IP whose
+    kube-proxy balancing per connection would pin nginx's keep-alive pool to some pods."""
+    for overlay in OVERLAYS:
+        host, port = nginx_setting(overlay, "APP_UPSTREAM").rsplit(":", 1)
+        spec = one(overlay, "Service", host)["spec"]
+        assert spec.get("type", "ClusterIP") == "ClusterIP", (overlay, spec)
+        assert spec["clusterIP"] == "None", f"{overlay}: Service {host} is not headless"
+        assert spec.get("publishNotReadyAddresses", False) is False, "not-ready pods resolve"
+        app_labels = one(overlay, "Deployment", "app")["spec"]["template"]["metadata"]["labels"]
+        assert spec["selector"].items() <= app_labels.items()
+        assert int(port) in {p["port"] for p in spec["ports"]}
+        # A stopping pod serves on through the preStop pause and SHUTDOWN_DELAY: longer
+        # than CoreDNS keeps its A record plus one watch turn.
+        app = one(overlay, "Deployment", "app")["spec"]["template"]["spec"]
+        pause = app["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+        interval = float(nginx_setting(overlay, "UPSTREAM_WATCH_INTERVAL"))
+        assert pause + DEFAULTS.shutdown_delay > COREDNS_TTL + interval
 
 
 def test_app_settings_only_override() -> None:
