@@ -168,7 +168,10 @@ recipe_pebble() {
 # ── common mmdebstrap options (part of every image's hash) ──────────────────
 # minbase + --include keeps only Essential + what the recipe names; dpkg path
 # excludes keep docs, man pages and translations out (copyright files stay); the
-# final hooks drop apt lists/caches and logs.
+# final hooks drop logs and stale state. Apt lists and caches and /tmp are left to
+# mmdebstrap's own cleanup, which runs after the hooks: a hook that emptied /tmp removed
+# mmdebstrap's apt config, and its `apt-get clean` then ran on the host's apt cache
+# (failing whenever the host's apt was busy).
 common_mmdebstrap_args() {
     printf '%s\n' \
         --variant=minbase \
@@ -183,9 +186,9 @@ common_mmdebstrap_args() {
         '--dpkgopt=path-exclude=/usr/share/locale/*' \
         '--dpkgopt=path-exclude=/usr/share/lintian/*' \
         '--dpkgopt=path-exclude=/usr/share/bug/*' \
-        '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/cache/debconf/*-old "$1"/var/lib/dpkg/*-old' \
+        '--customize-hook=rm -rf "$1"/var/cache/debconf/*-old "$1"/var/lib/dpkg/*-old' \
         '--customize-hook=find "$1/var/log" -type f -delete' \
-        '--customize-hook=rm -f "$1/etc/machine-id" "$1/var/lib/dbus/machine-id"; rm -rf "$1"/tmp/* "$1"/var/tmp/*'
+        '--customize-hook=rm -f "$1/etc/machine-id" "$1/var/lib/dbus/machine-id"; rm -rf "$1"/var/tmp/*'
 }
 
 recipe_of() {
