@@ -517,3 +517,14 @@ def test_certificate_covers_the_server_names() -> None:
     paths = {i["path"] for i in certs["secret"]["items"]}
     tls = {Path(entrypoint_default("TLS_CERT")).name, Path(entrypoint_default("TLS_KEY")).name}
     assert paths == tls
+    # A directory mount, which the kubelet updates in place on a renewal (a subPath mount
+    # never changes): nginx's supervisor follows the files, no restart needed.
+    (mount,) = [
+        m
+        for m in container(one("overlays/production", "Deployment", "nginx"), "nginx")[
+            "volumeMounts"
+        ]
+        if m["name"] == "certs"
+    ]
+    assert "subPath" not in mount
+    assert Path(entrypoint_default("TLS_CERT")).parent == Path(mount["mountPath"])
