@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -58,8 +59,24 @@ def run_gate(server: Server, reports: Path, **overrides: str) -> tuple[int, str,
     return done.returncode, output, summary
 
 
+def relaxed_latency_slo(tmp_path: Path) -> Path:
+    """slo.toml with every latency limit at 60 s and every other threshold as shipped.
+
+    The passing path proves the gate's machinery and the counts, not this shared machine's
+    speed today (the p95 failure path is its own test below)."""
+    text = (ROOT / "loadtests" / "slo.toml").read_text()
+    relaxed, limits = re.subn(r"^(max_p9[59]_ms = )[0-9.]+", r"\g<1>60000.0", text, flags=re.M)
+    assert limits >= 4, "slo.toml's latency keys were not found"
+    path = tmp_path / "slo.toml"
+    path.write_text(relaxed)
+    return path
+
+
 def test_gate_passes_and_the_app_counted_every_request(server: Server, tmp_path: Path) -> None:
-    code, output, summary = run_gate(server, tmp_path)
+    reports = tmp_path / "reports"
+    code, output, summary = run_gate(
+        server, reports, LOADTEST_SLO_FILE=str(relaxed_latency_slo(tmp_path))
+    )
     assert code == 0, output
     assert "GATE PASSED" in output
     assert summary["passed"] is True
@@ -86,7 +103,7 @@ def test_gate_passes_and_the_app_counted_every_request(server: Server, tmp_path:
     gate_checks = {(c["threshold"], c["subject"]) for c in summary["checks"]}
     assert ("max_error_ratio", "WS /ws/echo [session]") in gate_checks
     assert {"/static/css/{asset}", "/static/js/{asset}"} <= names
-    report_dir = next(tmp_path.iterdir())
+    report_dir = next(reports.iterdir())
     for name in ("report.html", "locust_stats.csv", "locust.json", "locust.log"):
         assert (report_dir / name).is_file(), name
 
