@@ -37,6 +37,7 @@
 set -euo pipefail
 
 SUITE=trixie
+KEEP_RECIPES=4  # cache tags kept per image (ours and the 3 newest others)
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 JOBS=${BASE_IMAGES_JOBS:-2}
@@ -266,9 +267,13 @@ build_one() {
         die "building $tag failed (full log: $logfile)"
     fi
     docker tag "$cache_tag" "$tag"
-    # Keep one cache tag per image: drop tags of older recipes (their layers go with them).
+    # Keep the KEEP_RECIPES newest cache tags per image, drop older ones (their layers go
+    # with them). Not just ours: other checkouts on this host (a branch behind or ahead)
+    # use theirs, and deleting them made each rebuild the other's, minutes every test run.
     local old
-    for old in $(docker image ls --format '{{.Repository}}:{{.Tag}}' "$repo" | grep ":recipe-" | grep -v ":recipe-$hash$" || true); do
+    for old in $(docker image ls --format '{{.CreatedAt}}|{{.Repository}}:{{.Tag}}' "$repo" |
+        grep ":recipe-" | grep -v ":recipe-$hash$" | sort -r | tail -n +"$KEEP_RECIPES" |
+        cut -d'|' -f2 || true); do
         docker image rm "$old" >/dev/null 2>&1 || true
     done
     printf '%s\tbuilt\t%s\t%s\n' "$tag" "$(elapsed "$start")" "$hash"
