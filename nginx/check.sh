@@ -120,4 +120,32 @@ if out=$(run UPSTREAM_WATCH_INTERVAL=0 -- nginx -t 2>&1); then
 fi
 grep -q 'UPSTREAM_WATCH_INTERVAL=' <<<"$out" || fail "the refusal does not name UPSTREAM_WATCH_INTERVAL: $out"
 
+say "every number at its largest allowed value: nginx takes it"
+out=$(run APP_UPSTREAM=127.0.0.1:65535 RATE_LIMIT=1000000000r/s RATE_LIMIT_BURST=1000000000 \
+    CLIENT_MAX_BODY_SIZE=1024g HTTPS_REDIRECT_PORT=65535 TLS_SELF_SIGNED_DAYS=36500 \
+    CONNECTION_LIMIT=65535 WS_CONNECTION_LIMIT=65535 HSTS_MAX_AGE=999999999 -- nginx -T -q 2>&1) \
+    || fail "nginx -T failed with every number at its maximum:"$'\n'"$out"
+for want in 'limit_conn per_client_conn 65535;' 'limit_conn per_client_ws 65535;' \
+    'rate=1000000000r/s;' 'burst=1000000000 nodelay;' 'client_max_body_size 1024g;' \
+    'proxy_request_buffering off;' 'server 127.0.0.1:65535;' 'https://$host:65535$request_uri;'; do
+    grep -qF -- "$want" <<<"$out" || fail "the rendered config lacks '$want'"
+done
+
+say "every number one past its range (or malformed) is refused at start, naming the variable"
+# Each of these once started the entrypoint and then made nginx refuse its config
+# (or overflow): a restart loop instead of one line.
+for bad in CONNECTION_LIMIT=65536 WS_CONNECTION_LIMIT=65536 CONNECTION_LIMIT=0 \
+    APP_UPSTREAM=app:65536 APP_UPSTREAM=app:0 RATE_LIMIT=1000000001r/s RATE_LIMIT_BURST=1000000001 \
+    CLIENT_MAX_BODY_SIZE=1025g CLIENT_MAX_BODY_SIZE=08m CLIENT_MAX_BODY_SIZE=99999999999999999999 \
+    HTTPS_REDIRECT_PORT=65536 TLS_SELF_SIGNED_DAYS=36501 HSTS_MAX_AGE=1000000000 \
+    RATE_LIMIT_BURST=-1; do
+    name=${bad%%=*}
+    if out=$(run "$bad" -- nginx -t 2>&1); then
+        fail "$bad was accepted"
+    fi
+    grep -q "\"level\":\"error\".*$name='${bad#*=}' is \(out of range\|invalid\): expected" <<<"$out" \
+        || fail "the refusal of $bad does not name $name:"$'\n'"$out"
+    grep -q 'nginx: \[emerg\]' <<<"$out" && fail "$bad reached nginx:"$'\n'"$out"
+done
+
 say "ok ($image)"

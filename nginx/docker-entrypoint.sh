@@ -50,19 +50,54 @@ require() {
         || die "$1='$2' is invalid: expected $4"
 }
 
+# require_number NAME VALUE MIN MAX DESCRIPTION: a whole number from MIN to MAX,
+# without leading zeros (sh arithmetic reads 010 as octal). The bounds are
+# within what nginx accepts and computes with (or the protocol's): a value that
+# passes here never makes nginx refuse to start (a restart loop) or overflow;
+# one that does not is one clear line naming the variable (nginx/check.sh).
+require_number() {
+    require "$1" "$2" '0|[1-9][0-9]{0,17}' "$5"
+    [ "$2" -ge "$3" ] && [ "$2" -le "$4" ] \
+        || die "$1='$2' is out of range: expected $3 to $4, $5"
+}
+
+bytes() {  # an nginx size (1m, 512k, 2g, 1024) in bytes
+    case $1 in
+        *[kK]) echo $(( ${1%?} * 1024 )) ;;
+        *[mM]) echo $(( ${1%?} * 1048576 )) ;;
+        *[gG]) echo $(( ${1%?} * 1073741824 )) ;;
+        *) echo "$1" ;;
+    esac
+}
+
 # ── validation ──────────────────────────────────────────────────────────────
 require SERVER_NAMES "$SERVER_NAMES" '[A-Za-z0-9.*_:-]+( +[A-Za-z0-9.*_:-]+)*' \
     "space-separated host names or IP addresses, e.g. 'example.com www.example.com'"
-require APP_UPSTREAM "$APP_UPSTREAM" '[A-Za-z0-9._-]+:[0-9]{1,5}' "host:port, e.g. app:8000"
-require RATE_LIMIT "$RATE_LIMIT" '[1-9][0-9]*r/[sm]' "requests per second or minute, e.g. 20r/s or 600r/m"
-require RATE_LIMIT_BURST "$RATE_LIMIT_BURST" '[0-9]{1,9}' "a whole number of requests, e.g. 40 (0: no burst)"
+require APP_UPSTREAM "$APP_UPSTREAM" '[A-Za-z0-9._-]+:[1-9][0-9]{0,4}' "host:port, e.g. app:8000"
+[ "${APP_UPSTREAM##*:}" -le 65535 ] \
+    || die "APP_UPSTREAM='$APP_UPSTREAM' is out of range: expected a port from 1 to 65535, e.g. app:8000"
+# nginx keeps the rate in thousandths of a request (rate x 1000) and the burst
+# likewise: past these bounds it overflows without a word.
+require RATE_LIMIT "$RATE_LIMIT" '[1-9][0-9]{0,17}r/[sm]' "requests per second or minute, e.g. 20r/s or 600r/m"
+[ "${RATE_LIMIT%r/?}" -le 1000000000 ] \
+    || die "RATE_LIMIT='$RATE_LIMIT' is out of range: expected 1 to 1000000000 requests per second or minute, e.g. 20r/s"
+require_number RATE_LIMIT_BURST "$RATE_LIMIT_BURST" 0 1000000000 \
+    "a whole number of requests, e.g. 40 (0: no burst)"
 require RATE_LIMIT_ALLOWLIST "$RATE_LIMIT_ALLOWLIST" '([0-9A-Fa-f.:/]+([ ,]+[0-9A-Fa-f.:/]+)*)?' \
     "IP addresses or CIDRs separated by spaces or commas (empty: nobody exempt), e.g. '127.0.0.1/32 10.0.0.0/8'"
-require CLIENT_MAX_BODY_SIZE "$CLIENT_MAX_BODY_SIZE" '[0-9]+[kKmMgG]?' "a size, e.g. 1m, 512k (0 = unlimited)"
-require HTTPS_REDIRECT_PORT "$HTTPS_REDIRECT_PORT" '([1-9][0-9]{0,4})?' "a port number, or empty for 443"
+# At most 1 TiB (nginx takes up to 8 EiB; 0 is the way to say unlimited), so that
+# the body budget below is computed without overflow.
+require CLIENT_MAX_BODY_SIZE "$CLIENT_MAX_BODY_SIZE" '(0|[1-9][0-9]{0,12})[kKmMgG]?' \
+    "a size, e.g. 1m, 512k (0 = unlimited)"
+number=${CLIENT_MAX_BODY_SIZE%[kKmMgG]}
+[ "$number" -le $(( 1099511627776 / $(bytes "1${CLIENT_MAX_BODY_SIZE#"$number"}") )) ] \
+    || die "CLIENT_MAX_BODY_SIZE='$CLIENT_MAX_BODY_SIZE' is out of range: expected at most 1024g (1 TiB), e.g. 1m, 512k (0 = unlimited)"
+if [ -n "$HTTPS_REDIRECT_PORT" ]; then
+    require_number HTTPS_REDIRECT_PORT "$HTTPS_REDIRECT_PORT" 1 65535 "a port number, or empty for 443"
+fi
 require TLS_CERT "$TLS_CERT" '/[A-Za-z0-9._/-]+' "an absolute path"
 require TLS_KEY "$TLS_KEY" '/[A-Za-z0-9._/-]+' "an absolute path"
-require TLS_SELF_SIGNED_DAYS "$TLS_SELF_SIGNED_DAYS" '[1-9][0-9]*' "a number of days"
+require_number TLS_SELF_SIGNED_DAYS "$TLS_SELF_SIGNED_DAYS" 1 36500 "a number of days, e.g. 365"
 require UPSTREAM_WATCH_INTERVAL "$UPSTREAM_WATCH_INTERVAL" '(0\.[1-9][0-9]?|[1-9](\.[0-9]{1,2})?)' \
     "seconds between two looks at the app's replicas, 0.1 to 9.99, e.g. 1"
 
@@ -200,27 +235,19 @@ cgroup_cpus() {  # whole CPUs of the quota (rounded up), at most the usable CPUs
     printf '%s' "$cpus"
 }
 
-bytes() {  # an nginx size (1m, 512k, 2g, 1024) in bytes
-    case $1 in
-        *[kK]) echo $(( ${1%?} * 1024 )) ;;
-        *[mM]) echo $(( ${1%?} * 1048576 )) ;;
-        *[gG]) echo $(( ${1%?} * 1073741824 )) ;;
-        *) echo "$1" ;;
-    esac
-}
-
 render_limits() {
-    require CONNECTION_LIMIT "$CONNECTION_LIMIT" '[1-9][0-9]{0,5}' \
+    # nginx's limit_conn counts in 16 bits: 65535 at most.
+    require_number CONNECTION_LIMIT "$CONNECTION_LIMIT" 1 65535 \
         "concurrent requests per client IP, e.g. 32"
     printf 'limit_conn per_client_conn %s;\n' "$CONNECTION_LIMIT" >"$SETTINGS_DIR/connection-limit.conf"
-    require WS_CONNECTION_LIMIT "$WS_CONNECTION_LIMIT" '[1-9][0-9]{0,5}' \
+    require_number WS_CONNECTION_LIMIT "$WS_CONNECTION_LIMIT" 1 65535 \
         "open WebSocket sessions per client IP, e.g. 16"
     printf 'limit_conn per_client_ws %s;\n' "$WS_CONNECTION_LIMIT" >"$SETTINGS_DIR/websocket-limit.conf"
 
     memory=$(cgroup_memory_limit)
     budget=$(( ${memory:-$ASSUMED_MEMORY} / 4 ))
     body=$(bytes "$CLIENT_MAX_BODY_SIZE")
-    if [ "$body" -gt 0 ] && [ $(( CONNECTION_LIMIT * body )) -le "$budget" ]; then
+    if [ "$body" -gt 0 ] && [ "$body" -le $(( budget / CONNECTION_LIMIT )) ]; then
         printf 'client_body_buffer_size %s;\nproxy_request_buffering on;\n' "$CLIENT_MAX_BODY_SIZE"
         how="in memory (client_body_buffer_size $CLIENT_MAX_BODY_SIZE)"
     else
@@ -252,7 +279,8 @@ on_off='(on|off|true|false|yes|no|1|0)'
 is_on() { case $1 in on | true | yes | 1) return 0 ;; *) return 1 ;; esac; }
 
 render_hsts() {
-    require HSTS_MAX_AGE "$HSTS_MAX_AGE" '[0-9]{1,9}' "seconds, e.g. 63072000 (2 years; 0 tells browsers to forget)"
+    require_number HSTS_MAX_AGE "$HSTS_MAX_AGE" 0 999999999 \
+        "seconds, e.g. 63072000 (2 years; 0 tells browsers to forget)"
     require HSTS_INCLUDE_SUBDOMAINS "$HSTS_INCLUDE_SUBDOMAINS" "$on_off" "on or off"
     require HSTS_PRELOAD "$HSTS_PRELOAD" "$on_off" "on or off"
     value="max-age=$HSTS_MAX_AGE"
