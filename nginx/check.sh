@@ -120,6 +120,30 @@ if out=$(run UPSTREAM_WATCH_INTERVAL=0 -- nginx -t 2>&1); then
 fi
 grep -q 'UPSTREAM_WATCH_INTERVAL=' <<<"$out" || fail "the refusal does not name UPSTREAM_WATCH_INTERVAL: $out"
 
+say "a Let's Encrypt layout (live/ links into ../../archive/) mounted as README says"
+le="$tmp/letsencrypt"
+mkdir -p "$le/archive/example.com" "$le/live/example.com"
+openssl req -x509 -new -nodes -days 2 -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
+    -subj /CN=example.com -keyout "$le/archive/example.com/privkey1.pem" \
+    -out "$le/archive/example.com/fullchain1.pem" 2>/dev/null
+chmod -R a+rX "$le"  # README's chgrp 101, without needing root here
+for name in fullchain privkey; do
+    ln -s "../../archive/example.com/${name}1.pem" "$le/live/example.com/$name.pem"
+done
+le_run() {  # MOUNT TLS_DIR: nginx -t with the pair at TLS_DIR/{fullchain,privkey}.pem
+    docker run --rm --read-only --tmpfs /tmp --cap-drop ALL --network none --add-host app:127.0.0.1 \
+        -v "$1" -e "TLS_CERT=$2/fullchain.pem" -e "TLS_KEY=$2/privkey.pem" "$image" nginx -t 2>&1
+}
+out=$(le_run "$le:/etc/letsencrypt:ro" /etc/letsencrypt/live/example.com) \
+    || fail "the README's Let's Encrypt mount does not start:"$'\n'"$out"
+grep -qF 'using the certificate at /etc/letsencrypt/live/example.com/fullchain.pem' <<<"$out" \
+    || fail "the mounted certificate is not the one used:"$'\n'"$out"
+if out=$(le_run "$le/live/example.com:/etc/nginx/certs:ro" /etc/nginx/certs); then
+    fail "live/<domain> alone (links pointing nowhere) was accepted"
+fi
+grep -qF 'is a symbolic link to /etc/nginx/certs/../../archive/example.com/fullchain1.pem, which is not in the container' <<<"$out" \
+    || fail "the refusal does not explain the dangling link:"$'\n'"$out"
+
 say "every number at its largest allowed value: nginx takes it"
 out=$(run APP_UPSTREAM=127.0.0.1:65535 RATE_LIMIT=1000000000r/s RATE_LIMIT_BURST=1000000000 \
     CLIENT_MAX_BODY_SIZE=1024g HTTPS_REDIRECT_PORT=65535 TLS_SELF_SIGNED_DAYS=36500 \

@@ -116,7 +116,43 @@ self_signed_san() {
     printf '%s' "$san"
 }
 
+# unreachable FILE: why uid 101 cannot see FILE although something is there: a
+# directory on the way it may not enter, or a symbolic link to a file that is not
+# mounted (Let's Encrypt's live/<domain>/*.pem point into ../../archive/).
+blocked_dir() {  # the first directory on FILE's path this user may not enter
+    path="" rest=${1#/}
+    while [ "$rest" != "${rest#*/}" ]; do
+        path="$path/${rest%%/*}"
+        rest=${rest#*/}
+        if [ -d "$path" ] && [ ! -x "$path" ]; then printf '%s' "$path"; return 0; fi
+    done
+    return 1
+}
+unreachable() {
+    file=$1 hops=0
+    while [ "$hops" -lt 8 ]; do
+        if dir=$(blocked_dir "$file"); then
+            printf '%s: uid %s may not enter %s (mode %s): give it read and search access (README "TLS")' \
+                "$1" "$(id -u)" "$dir" "$(stat -c %a "$dir")"
+            return 0
+        fi
+        [ -L "$file" ] || break
+        target=$(readlink "$file")
+        case $target in /*) file=$target ;; *) file=$(dirname "$file")/$target ;; esac
+        hops=$((hops + 1))
+    done
+    if [ "$hops" -gt 0 ] && [ ! -e "$file" ]; then
+        printf '%s is a symbolic link to %s, which is not in the container: mount the directory it points into too (Let'"'"'s Encrypt: all of /etc/letsencrypt, README "TLS")' \
+            "$1" "$file"
+        return 0
+    fi
+    return 1
+}
+
 ensure_certificate() {
+    for file in "$TLS_CERT" "$TLS_KEY"; do
+        if [ ! -e "$file" ] && why=$(unreachable "$file"); then die "$why"; fi
+    done
     if [ -e "$TLS_CERT" ] && [ -e "$TLS_KEY" ]; then
         if [ ! -r "$TLS_CERT" ] || [ ! -r "$TLS_KEY" ]; then
             die "$TLS_CERT or $TLS_KEY is not readable by uid $(id -u): fix the mounted files' mode"
