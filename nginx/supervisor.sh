@@ -10,7 +10,7 @@
 # 2. replicas: resolves APP_UPSTREAM's host (Docker/Swarm/Kubernetes DNS, any number of
 #    A records), probes GET /readyz on each address, and when the set of ready addresses
 #    changes renders `server ip:port;` lines into the upstream, `nginx -t`, graceful
-#    reload. Never an empty upstream: with none ready the last set stays; at first start
+#    reload: one per change (replicas started together join together, JOIN_WAIT). Never an empty upstream: with none ready the last set stays; at first start
 #    with none ready, every resolved address (warning). `nginx-upstreams` prints the set.
 # 3. certificate: when TLS_CERT/TLS_KEY change (content), installs them with
 #    nginx-certificate (a bad pair is refused, the old one keeps serving) and reloads.
@@ -38,6 +38,12 @@ READY_PATH=/readyz
 # (tests/static/test_contract.py: < the app's SHUTDOWN_DELAY).
 PROBE_TIMEOUT=1
 RELOAD_TIMEOUT=10  # seconds to wait for the new workers of a reload
+# Replicas started together (a scale-up, a deploy) join in one reload: a ready new one
+# waits at most this long for its siblings that resolve but are not ready yet. Each
+# reload closes nginx's idle client keep-alive connections, and a client that sends on
+# one at that instant gets no answer (HTTP/1.1 has no way to warn it; README "Scaling").
+# Removals are never held back (a draining replica must leave within SHUTDOWN_DELAY).
+JOIN_WAIT=3
 
 UPSTREAM_HOST=${APP_UPSTREAM%:*}
 UPSTREAM_PORT=${APP_UPSTREAM##*:}
@@ -48,6 +54,7 @@ stopping=""
 reload_requested=""
 current=()        # addresses in the running upstream
 waiting_since=""  # set while no address is ready (logged once, on the change)
+joining_since=""  # set while a ready new address waits for its starting siblings
 rendered=""       # the upstream file has been written once
 ever_ready=""     # some address has answered /readyz since start
 cert_seen=""      # content hash of the pair last looked at
@@ -148,10 +155,9 @@ probe() {
         probe "$1" "$UPSTREAM_PORT" "$READY_PATH" "$UPSTREAM_HOST" 2>/dev/null
 }
 
-ready_addresses() {  # probes every resolved address at once; prints the ready ones
-    local -a ips=() pids=()
+ready_addresses() {  # ADDRESS...: probes them all at once; prints the ready ones
+    local -a ips=("$@") pids=()
     local i rc
-    mapfile -t ips < <(resolve)
     for i in "${!ips[@]}"; do
         probe "${ips[$i]}" &
         pids[i]=$!
@@ -197,16 +203,44 @@ apply() {
         ",\"upstream\":\"$(json "$APP_UPSTREAM")\",\"servers\":$(json_list "${servers[@]}"),\"added\":$(json_list "${added[@]}"),\"removed\":$(json_list "${removed[@]}")"
 }
 
+# joining ADDRESS...(ready) -- ADDRESS...(resolved): true while the change from the
+# running set is only additions, some resolved address is neither ready nor running
+# yet (starting beside them), and the first of them has waited less than JOIN_WAIT.
+joining() {
+    local -a ready=() resolved=()
+    local addr
+    while [[ $1 != -- ]]; do ready+=("$1"); shift; done
+    shift
+    resolved=("$@")
+    for addr in "${current[@]}"; do
+        [[ " ${ready[*]} " == *" $addr "* ]] || return 1  # a removal: now
+    done
+    for addr in "${resolved[@]}"; do
+        [[ " ${ready[*]} ${current[*]} " == *" $addr "* ]] && continue
+        [[ -n $joining_since ]] || joining_since=$SECONDS
+        ((SECONDS - joining_since < JOIN_WAIT)) && return 0
+        return 1
+    done
+    return 1
+}
+
 watch_upstreams() {
     local -a ready=() resolved=()
-    mapfile -t ready < <(ready_addresses)
+    mapfile -t resolved < <(resolve)
+    mapfile -t ready < <(ready_addresses "${resolved[@]}")
     if ((${#ready[@]})); then
         ever_ready=1
         if [[ -n $waiting_since ]]; then
             log info "$UPSTREAM_HOST answers $READY_PATH again after $((SECONDS - waiting_since))s"
             waiting_since=""
         fi
-        [[ "${ready[*]}" == "${current[*]}" ]] || apply "${ready[@]}"
+        if [[ "${ready[*]}" == "${current[*]}" ]]; then
+            joining_since=""
+            return 0
+        fi
+        [[ -n $rendered ]] && joining "${ready[@]}" -- "${resolved[@]}" && return 0
+        joining_since=""
+        apply "${ready[@]}"
         return 0
     fi
     # None ready. Never an empty upstream: keep the last ready set. Until there has been
@@ -220,7 +254,6 @@ watch_upstreams() {
         return 0
     fi
     [[ -n $waiting_since ]] || waiting_since=$SECONDS
-    mapfile -t resolved < <(resolve)
     if [[ -z $rendered || (${#resolved[@]} -gt 0 && "${resolved[*]}" != "${current[*]}") ]]; then
         log warn "no address of $UPSTREAM_HOST answers $READY_PATH yet: using every resolved one until one does" \
             ",\"servers\":$(json_list "${resolved[@]}")"
