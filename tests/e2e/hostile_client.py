@@ -7,22 +7,29 @@ connections and seconds, and prints one JSON object with what the attacker saw:
   uploads N SIZE           N concurrent POST /api/orders of SIZE bytes each
   slow LORIS BODIES HOLD   LORIS connections trickling their headers (slowloris, reopened
                            whenever nginx cuts one) and BODIES requests trickling their
-                           bodies (slow POST), for HOLD seconds
+                           bodies (slow POST), for HOLD seconds; with "open", how many
+                           slowloris connections were open, sampled every SAMPLE_S
+                           ([time.monotonic(), count]: the host's clock, one kernel)
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import ssl
 import sys
+import time
 from collections import Counter
 
 HOST, PORT, NAME = "nginx", 8443, "localhost"
 TRICKLE_S = 4.0  # under nginx's client_header_timeout / client_body_timeout (10 s)
+SAMPLE_S = 0.5
 
 
+@functools.cache
 def context() -> ssl.SSLContext:
+    """One for all connections: loading the CA file for each cost the attack its pace."""
     return ssl.create_default_context(cafile="/certs/fullchain.pem")
 
 
@@ -150,15 +157,26 @@ async def slow_body(hold: float, stats: Counter, shapes: list[bool]) -> None:
         writer.close()
 
 
+async def sample(open_now: list[int], samples: list[list[float]], done: asyncio.Event) -> None:
+    while not done.is_set():
+        samples.append([round(time.monotonic(), 3), open_now[0]])
+        await asyncio.sleep(SAMPLE_S)
+
+
 async def slow(loris: int, bodies: int, hold: float) -> dict:
     stats: Counter = Counter()
     shapes: list[bool] = []
     open_now = [0, 0]  # slowloris connections open now, and the most at once
+    samples: list[list[float]] = []
+    done = asyncio.Event()
+    sampler = asyncio.create_task(sample(open_now, samples, done))
     tasks = [slowloris(hold, stats, open_now) for _ in range(loris)]
     tasks += [slow_body(hold, stats, shapes) for _ in range(bodies)]
     await asyncio.gather(*tasks)
+    done.set()
+    await sampler
     stats["loris peak"] = open_now[1]
-    return {"statuses": dict(stats), "bad_shape": shapes.count(False)}
+    return {"statuses": dict(stats), "bad_shape": shapes.count(False), "open": samples}
 
 
 def main(argv: list[str]) -> None:

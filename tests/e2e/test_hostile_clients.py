@@ -13,12 +13,21 @@ test stacks allow-list loopback only, so both are limited like any remote client
 - slow: 2,700 connections trickling their headers (slowloris) plus 100 trickling their
   bodies. Before: 2 x 1,024 worker connections ran out and 120 of 300 normal requests
   failed. Now: 4,096 per worker, the slow bodies past CONNECTION_LIMIT get a JSON 429.
+  What the test holds: the normal client sees no failure, and at least UNDER_FIRE of its
+  requests were sent while the attacker had more connections open than the 2,048 slots
+  that ran out before (the attacker samples its open count every 0.5 s). Not "all the
+  time": nginx cuts each slowloris connection after client_header_timeout (10 s for the
+  whole header) and the attacker's reconnects (TLS handshakes) take as long as the
+  machine's load makes them, so the count breathes (measured under load: 1,264 to 2,668,
+  median 1,913). And CONNECTION_LIMIT bounds the attacker: at most that many slow bodies
+  held, the rest refused with a JSON 429.
 Both bounded: counts fixed, each attack stops by itself within a minute.
 Last, with the app stopped, nginx's 502/503/504 is the same JSON shape.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import subprocess
 import time
@@ -38,6 +47,8 @@ UPLOADS, UPLOAD_BYTES = 100, 1_000 * 1024
 LORIS, SLOW_BODIES, HOLD_S = 2_700, 100, 40
 NORMAL_REQUESTS = 300
 DEFAULT_CONNECTION_LIMIT = 32  # nginx/docker-entrypoint.sh
+OLD_SLOTS = 2 * 1_024  # worker connections before issue 9: this many slowloris exhausted them
+UNDER_FIRE = 50  # normal requests sent while the attacker held more than OLD_SLOTS
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +109,32 @@ def test_slow_connections_do_not_exhaust_nginx(hostile_stack: Stack) -> None:
         traffic.wait_for(NORMAL_REQUESTS, timeout=HOLD_S)
     seen = result_of(attacker, timeout=HOLD_S + 60)
     statuses = dict(seen["statuses"])  # type: ignore[call-overload]
-    print(f"slow: attacker saw {statuses}; normal client: {traffic.summary()}")
+    samples = sorted((float(t), int(n)) for t, n in seen["open"])  # type: ignore[attr-defined]
+    times = [t for t, _ in samples]
+
+    def attacker_open_at(moment: float) -> int:  # the last sample before the moment
+        i = bisect.bisect_right(times, moment)
+        return samples[i - 1][1] if i else 0
+
+    open_then = [attacker_open_at(o.started) for o in traffic.outcomes]
+    under_fire = sum(1 for n in open_then if n > OLD_SLOTS)
+    print(
+        f"slow: attacker saw {statuses}; slowloris connections open when each normal "
+        f"request was sent: min {min(open_then)}, median {sorted(open_then)[len(open_then) // 2]}"
+        f", max {max(open_then)}; {under_fire} requests sent with more than {OLD_SLOTS} open;"
+        f" normal client: {traffic.summary()}"
+    )
     assert len(traffic.outcomes) >= NORMAL_REQUESTS
     assert traffic.failures == [], traffic.summary()
-    # The attack really held that many connections at once (reopening those nginx cut
-    # after client_header_timeout), while the normal client ran.
-    assert statuses.get("loris peak", 0) >= 0.95 * LORIS, statuses
-    # Slow bodies past the per-client limit were refused with a JSON 429, nothing else.
+    # Enough of them ran against more connections than used to exhaust nginx.
+    assert under_fire >= UNDER_FIRE, (under_fire, open_then)
+    # The per-client limit bounds the attacker's requests: at most CONNECTION_LIMIT slow
+    # bodies held to the end, the rest refused with a JSON 429, nothing else.
+    limit = connection_limit(stack)
     answered = {k: v for k, v in statuses.items() if k.isdigit()}
     assert set(answered) == {"429"}, statuses
-    assert answered["429"] >= SLOW_BODIES - connection_limit(stack), statuses
+    assert statuses.get("body held", 0) <= limit, statuses
+    assert answered["429"] >= SLOW_BODIES - limit, statuses
     assert seen["bad_shape"] == 0, seen
 
 
