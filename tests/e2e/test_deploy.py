@@ -7,7 +7,11 @@ One stack for the module (each step builds on the one before, as on a server):
    is refused, and afterwards every request is answered by a v2 replica;
 3. deploy v2 again with an invalid setting: it fails naming the setting, the new replicas
    are removed, no request fails, the v2 replicas still serve;
-4. `make rollback`: back to v1, no request fails.
+4. deploy a version whose readiness never succeeds (healthy, /readyz 503: the serving
+   layer's stand-in for an app that does not import, with RELOAD on through a compose
+   override): after DEPLOY_TIMEOUT it is removed, never in nginx's upstream, no request
+   fails, the v2 replicas still serve;
+5. `make rollback`: back to v1, no request fails.
 
 A request is attributed to the replica that served it by its `X-Request-ID` in that
 container's access log; a replica's version is the APP_VERSION baked into its image.
@@ -41,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 REPLICAS = 2
 SETTLE = 3.0  # seconds of traffic after a step, all of it answered by the replicas left
 DEPLOY_TIMEOUT = 600  # the make command's own bound (a build included)
+NEVER_READY_TIMEOUT = 20  # DEPLOY_TIMEOUT of the deploy that never gets ready (10 at least)
 
 
 # ── helpers ────────────────────────────────────────────────────────────────────
@@ -264,6 +269,45 @@ def test_deploy_with_an_invalid_setting_is_undone_and_v2_serves_on(
     e2e_summary.append(
         f"deploy with WORKER_TIMEOUT=soon: exit {code} naming it, {len(traffic.outcomes)} "
         f"requests, {len(traffic.failures)} failed"
+    )
+
+
+def test_deploy_that_never_gets_ready_is_undone_and_v2_serves_on(
+    deploy_stack: Stack, versions: dict[str, str], e2e_summary: list[str], tmp_path: Path
+) -> None:
+    stack = deploy_stack
+    before = {c["Id"] for c in app_containers(stack)}
+    override = tmp_path / "never-ready.yml"
+    override.write_text("services:\n  app:\n    environment:\n      - RELOAD=on\n")
+    env = make_env(
+        stack,
+        APP_VERSION=versions["v2"],
+        APP_MODULE="app.never_imported:app",
+        DEPLOY_TIMEOUT=str(NEVER_READY_TIMEOUT),
+        COMPOSE_FILE=f"{ROOT / 'docker-compose.yml'}:{override}",
+    )
+    with PacedTraffic(
+        stack.client, duration=240, max_requests=4000, retry_unanswered=True
+    ) as traffic:
+        traffic.wait_for(20)
+        deploy = Make("deploy", env)
+        code = deploy.finish()
+        time.sleep(SETTLE)
+    assert traffic.lost(stack.nginx_request_ids()) == [], traffic.summary()
+
+    assert code != 0, f"{deploy.lines}\n{deploy.stderr[-3000:]}"
+    failed = event(deploy.lines, "deploy failed")
+    assert f"not ready within DEPLOY_TIMEOUT={NEVER_READY_TIMEOUT}s" in failed["reason"], failed
+    assert "in nginx upstream: False" in failed["reason"], failed
+    removed = event(deploy.lines, "replicas removed")
+    assert removed["were_in_upstream"] is False
+    after = app_containers(stack)
+    assert {c["Id"] for c in after} == before, "the v2 replicas must be the ones serving"
+    assert {version_of(c) for c in after} == {versions["v2"]}
+    assert len(upstream(stack)) == REPLICAS
+    e2e_summary.append(
+        f"deploy never ready (/readyz 503): exit {code} after DEPLOY_TIMEOUT="
+        f"{NEVER_READY_TIMEOUT}s, {len(traffic.outcomes)} requests, {len(traffic.failures)} failed"
     )
 
 
