@@ -95,6 +95,11 @@ def upstreams(stack: Stack) -> list[str]:
     return stack.exec("nginx", "nginx-upstreams").stdout.split()
 
 
+def upstream_changes(stack: Stack) -> int:
+    """How many times the supervisor applied a new upstream (one reload each)."""
+    return sum(1 for r in stderr_records(stack) if r.get("event", "").startswith("upstream app:"))
+
+
 def wait_until(what: str, check: Any, timeout: float, interval: float = 0.2) -> float:
     start = time.monotonic()
     while not check():
@@ -183,6 +188,7 @@ def test_every_error_line_is_one_json_object_under_a_flood(edge: Stack) -> None:
 def test_scale_up_each_replica_serves_within_seconds(edge: Stack) -> None:
     before = app_addresses(edge)
     assert len(before) == 1, before
+    changes = upstream_changes(edge)
     with PacedTraffic(
         edge.client, duration=90, max_requests=1500, retry_unanswered=True
     ) as traffic:
@@ -216,7 +222,8 @@ def test_scale_up_each_replica_serves_within_seconds(edge: Stack) -> None:
     assert sorted(upstreams(edge)) == sorted(f"{ip}:8000" for ip in replicas)
     assert traffic.lost(edge.nginx_request_ids()) == [], traffic.summary()
     print(
-        f"scale 1→{SCALED}: {traffic.summary()}; `up --wait` took {healthy - asked:.1f}s, "
+        f"scale 1→{SCALED}: {traffic.summary()}; {upstream_changes(edge) - changes} reload(s); "
+        f"`up --wait` took {healthy - asked:.1f}s, "
         f"first request of each new replica after it (s): "
         + ", ".join(f"{ip} {t:.2f}" for ip, t in sorted(firsts.items()))
     )
@@ -224,6 +231,7 @@ def test_scale_up_each_replica_serves_within_seconds(edge: Stack) -> None:
 
 def test_scale_down_fails_no_request(edge: Stack) -> None:
     assert len(app_addresses(edge)) == SCALED
+    changes = upstream_changes(edge)
     with PacedTraffic(
         edge.client, duration=120, max_requests=2000, retry_unanswered=True
     ) as traffic:
@@ -237,7 +245,10 @@ def test_scale_down_fails_no_request(edge: Stack) -> None:
     assert upstreams(edge) == [f"{ip}:8000" for ip in remaining]
     assert traffic.lost(edge.nginx_request_ids()) == [], traffic.summary()
     assert len(traffic.succeeded) >= 50, traffic.summary()
-    print(f"scale {SCALED}→1 in {seconds:.1f}s: {traffic.summary()}")
+    print(
+        f"scale {SCALED}→1 in {seconds:.1f}s: {traffic.summary()}; "
+        f"{upstream_changes(edge) - changes} reload(s)"
+    )
 
 
 # ── 4. certificate ─────────────────────────────────────────────────────────────
