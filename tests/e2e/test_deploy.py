@@ -142,6 +142,20 @@ def wait_for_upstream(stack: Stack, count: int, timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
+def failing_deploy(stack: Stack, env: dict[str, str]) -> tuple[Make, int, PacedTraffic]:
+    """`make deploy` that must fail, under paced traffic that must lose nothing."""
+    with PacedTraffic(
+        stack.client, duration=240, max_requests=4000, retry_unanswered=True
+    ) as traffic:
+        traffic.wait_for(20)
+        deploy = Make("deploy", env)
+        code = deploy.finish()
+        time.sleep(SETTLE)
+    assert traffic.lost(stack.nginx_request_ids()) == [], traffic.summary()
+    assert code != 0, f"{deploy.lines}\n{deploy.stderr[-3000:]}"
+    return deploy, code, traffic
+
+
 # ── the stack ──────────────────────────────────────────────────────────────────
 
 
@@ -247,16 +261,7 @@ def test_deploy_with_an_invalid_setting_is_undone_and_v2_serves_on(
     stack = deploy_stack
     before = {c["Id"] for c in app_containers(stack)}
     env = make_env(stack, APP_VERSION=versions["v2"], WORKER_TIMEOUT="soon")
-    with PacedTraffic(
-        stack.client, duration=240, max_requests=4000, retry_unanswered=True
-    ) as traffic:
-        traffic.wait_for(20)
-        deploy = Make("deploy", env)
-        code = deploy.finish()
-        time.sleep(SETTLE)
-    assert traffic.lost(stack.nginx_request_ids()) == [], traffic.summary()
-
-    assert code != 0, f"{deploy.lines}\n{deploy.stderr[-3000:]}"
+    deploy, code, traffic = failing_deploy(stack, env)
     failed = event(deploy.lines, "deploy failed")
     assert "WORKER_TIMEOUT='soon' is invalid" in failed["reason"], failed
     assert any("WORKER_TIMEOUT" in line for line in failed["last_lines"]), failed
@@ -286,16 +291,7 @@ def test_deploy_that_never_gets_ready_is_undone_and_v2_serves_on(
         DEPLOY_TIMEOUT=str(NEVER_READY_TIMEOUT),
         COMPOSE_FILE=f"{ROOT / 'docker-compose.yml'}:{override}",
     )
-    with PacedTraffic(
-        stack.client, duration=240, max_requests=4000, retry_unanswered=True
-    ) as traffic:
-        traffic.wait_for(20)
-        deploy = Make("deploy", env)
-        code = deploy.finish()
-        time.sleep(SETTLE)
-    assert traffic.lost(stack.nginx_request_ids()) == [], traffic.summary()
-
-    assert code != 0, f"{deploy.lines}\n{deploy.stderr[-3000:]}"
+    deploy, code, traffic = failing_deploy(stack, env)
     failed = event(deploy.lines, "deploy failed")
     assert f"not ready within DEPLOY_TIMEOUT={NEVER_READY_TIMEOUT}s" in failed["reason"], failed
     assert "in nginx upstream: False" in failed["reason"], failed
