@@ -15,6 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from gunicorn.arbiter import Arbiter
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker as _StockUvicornWorker
 
@@ -28,6 +29,38 @@ if TYPE_CHECKING:
     from types import FrameType
 
 __all__ = ["UvicornWorker"]
+
+
+class _HttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, whose graceful shutdown does not close an idle
+    keep-alive connection at once. nginx keeps idle connections to the app and may send
+    a request on one at the very moment the worker closes it (a reload, `make reload`, a
+    stop): the request is lost, and nginx answers a POST 502 (it retries only idempotent
+    ones). Instead, for IDLE_GRACE seconds a request that comes is served with
+    `Connection: close` (nginx then opens a new connection, to a live worker); after
+    that the connection is closed if still idle. nginx reuses its most recent idle
+    connection first, so the ones still idle then are the ones it is least likely to pick.
+    """
+
+    IDLE_GRACE = 1.0
+    _shutting_down = False
+
+    def shutdown(self) -> None:
+        self._shutting_down = True
+        if self.cycle is None or self.cycle.response_complete:
+            self.loop.call_later(self.IDLE_GRACE, self._close_if_idle)
+        else:
+            self.cycle.keep_alive = False
+
+    def _close_if_idle(self) -> None:
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and not self.transport.is_closing():
+            self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self._shutting_down and self.cycle is not None:
+            self.cycle.keep_alive = False  # this one answered, then closed
 
 
 class _Server(Server):
@@ -63,7 +96,7 @@ class UvicornWorker(_StockUvicornWorker):
     # legacy one, deprecated upstream).
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
         "loop": "uvloop",
-        "http": "httptools",
+        "http": _HttpToolsProtocol,  # httptools, idle keep-alive closed gracefully
         "ws": "websockets-sansio",
     }
 
