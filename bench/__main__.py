@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="SETUP",
         help="only these setups (and bare uvicorn, the reference): raw, gunicorn, no-log, "
-        "uvicorn-ssl, traefik, caddy, tiangolo, ours, ours-off, compose, compose-host",
+        "uvicorn-ssl, traefik, caddy, tiangolo, ours, ours-otlp, ours-off, compose, "
+        "compose-host",
     )
     parser.add_argument(
         "--trees",
@@ -95,12 +96,17 @@ def _measure(
     )
 
 
-def _rounds(setups: list[Setup], work: Path, lua: Path, settings: Settings, rounds: int) -> None:
+def _rounds(
+    setups: list[Setup], work: Path, lua: Path, settings: Settings, rounds: int
+) -> list[str]:
     """Interleaved: each setup started for its turn in every round; each of its configs
-    (one per client) measured after its own warm-up; then the setup is stopped."""
+    (one per client) measured after its own warm-up; then the setup is stopped. Returns
+    the setups' summary lines (what the OTLP sink received), for the report's notes."""
+    summaries = []
     for round_no in range(1, rounds + 1):
         for setup in setups:
             started = start_setup(setup, work)
+            requests = 0
             try:
                 for config in setup.configs:
                     say(f"round {round_no}/{rounds}: {config.name} [{config.client}]")
@@ -108,9 +114,15 @@ def _rounds(setups: list[Setup], work: Path, lua: Path, settings: Settings, roun
                         run = _measure(
                             config, started, seconds, work=work, lua=lua, settings=settings
                         )
+                        requests += run.requests
                     config.runs.append(run)
             finally:
-                started.stop()
+                if summary := started.stop():
+                    summaries.append(
+                        f"round {round_no}, {setup.name}: {summary} for the {requests:,} "
+                        "requests the clients made (warm-ups included; + readiness probes)"
+                    )
+    return summaries
 
 
 def _profile(work: Path, lua: Path, settings: Settings) -> str:
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         lua.chmod(0o644)
         try:
             if not args.profile_only:
-                _rounds(chosen, work, lua, settings, settings.rounds)
+                notes = notes + _rounds(chosen, work, lua, settings, settings.rounds)
             if args.profile or args.profile_only:
                 profile = _profile(work, lua, settings)
         except ProfileError as error:

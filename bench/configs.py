@@ -15,6 +15,9 @@ Ours:
                     serving layer (request id, JSON access line, metrics)
     ours            the shipped nginx service (image, entrypoint, docker-compose.yml
                     settings) on the host's network in front of that gunicorn
+    ours + OTLP     the same with OTEL_EXPORTER_OTLP_ENDPOINT set: a span per request
+                    exported to a sink on loopback (bench/otlp_sink.py): the price of
+                    span export (unset, the SDK is not even imported: that is `ours`)
     ours, off       the same with nginx's access log, the app's access lines and its
                     per-request HTTP metrics off: the price of those features
     compose         the compose stack as it runs: app and nginx containers, Docker's bridge
@@ -44,6 +47,7 @@ from bench.processes import (
     port_is_free,
     start_compose,
     start_host,
+    wait_listening,
     wait_ready,
 )
 
@@ -74,11 +78,18 @@ class Started:
     parts: dict[str, Server]
     url: str
     cafile: Path | None = None
-    notes: list[str] = field(default_factory=list)
+    # Run beside the server side, not part of it (not measured): the OTLP sink.
+    helpers: dict[str, Server] = field(default_factory=dict)
+    summary: Callable[[], str] | None = None  # a line for the report, after stop()
 
-    def stop(self) -> None:
+    def stop(self) -> str:
+        """Stop the servers, then the helpers (the app's last span export still lands);
+        the summary line, if any."""
         for server in reversed(self.parts.values()):
             server.stop()
+        for helper in self.helpers.values():
+            helper.stop()
+        return self.summary() if self.summary else ""
 
 
 @dataclass
@@ -86,7 +97,8 @@ class Config:
     """One row of the report: a setup measured by one client."""
 
     name: str
-    role: str  # ceiling | gunicorn | no-log | ours | ours-off | peer | compose | tree | raw
+    # ceiling | gunicorn | no-log | ours | ours-otlp | ours-off | peer | compose | tree | raw
+    role: str
     client: str = WRK
     headers: tuple[str, ...] = ()  # sent by the load generator besides Host
     runs: list[Run] = field(default_factory=list)
@@ -253,15 +265,47 @@ def _compose(*overrides: str) -> list[str]:
     return ["docker", "compose", *files]
 
 
-def start_ours(work: Path, settings: Settings, *, features: bool = True) -> Started:
-    """Our gunicorn on the host, the shipped nginx service on the host's network."""
+def start_otlp_sink(work: Path, settings: Settings) -> tuple[Server, str, Callable[[], str]]:
+    """bench/otlp_sink.py on a free loopback port, pinned to the client core (it stands for
+    a collector elsewhere: not the server side's CPU). Returns it, the endpoint for
+    OTEL_EXPORTER_OTLP_ENDPOINT and what it received, as a line for the report."""
+    port, counts = free_port(), work / "otlp-counts.json"
+    argv = [sys.executable, "-m", "bench.otlp_sink", str(port), str(counts)]
+    log = work / "otlp-sink.log"
+    sink = start_host("otlp sink", argv, server_env(work), log, cpu=settings.client_cpu, cwd=ROOT)
+    wait_listening(sink, port)
+
+    def received() -> str:
+        got = json.loads(counts.read_text()) if counts.exists() else {}
+        return f"{got.get('spans', 0):,} spans in {got.get('exports', 0):,} exports"
+
+    return sink, f"http://127.0.0.1:{port}", received
+
+
+def start_ours(
+    work: Path, settings: Settings, *, features: bool = True, otlp: bool = False
+) -> Started:
+    """Our gunicorn on the host, the shipped nginx service on the host's network; with
+    `otlp`, the app exports a span per request to a sink on loopback."""
     ensure_nginx_ports()
     port = free_port()
+    helpers: dict[str, Server] = {}
+    summary = None
+    extra: dict[str, str] = {}
+    if otlp:
+        sink, endpoint, summary = start_otlp_sink(work, settings)
+        helpers["otlp sink"] = sink
+        extra["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
     if features:
-        env = gunicorn_env(work, port, LOG_LEVEL="info")
+        env = gunicorn_env(work, port, ROOT, LOG_LEVEL="info", **extra)
     else:
         env = gunicorn_env(work, port, LOG_LEVEL="warning", HTTP_METRICS="off")
-    gunicorn = host("gunicorn", GUNICORN, env, work, settings)
+    try:
+        gunicorn = host("gunicorn", GUNICORN, env, work, settings)
+    except BaseException:
+        for helper in helpers.values():
+            helper.stop()
+        raise
     cafile = self_signed(work / "certs")
     overrides = ["compose.host-nginx.yml"] + ([] if features else ["compose.nginx-no-log.yml"])
     project = f"bench-{os.getpid()}-nginx"
@@ -270,9 +314,15 @@ def start_ours(work: Path, settings: Settings, *, features: bool = True) -> Star
         nginx = start_compose("nginx", _compose(*overrides), ["nginx"], env, work / "nginx.log")
     except BaseException:
         gunicorn.stop()
+        for helper in helpers.values():
+            helper.stop()
         raise
     return Started(
-        {"nginx": nginx, "gunicorn": gunicorn}, "https://localhost:8443/api/hello", cafile
+        {"nginx": nginx, "gunicorn": gunicorn},
+        "https://localhost:8443/api/hello",
+        cafile,
+        helpers,
+        summary,
     )
 
 
@@ -364,6 +414,11 @@ def setups(settings: Settings) -> list[Setup]:
             "ours",
             lambda work: start_ours(work, settings),
             both("ours: nginx TLS -> gunicorn + serving layer", "ours"),
+        ),
+        Setup(
+            "ours-otlp",
+            lambda work: start_ours(work, settings, otlp=True),
+            both("ours + OTLP span export to a sink on loopback", "ours-otlp"),
         ),
         Setup(
             "ours-off",

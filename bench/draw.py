@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 
 COLOURS = {
     "ours": "#1f77b4",
+    "ours-otlp": "#4292c6",
     "ours-off": "#6baed6",
     "compose": "#08519c",
     "compose-host": "#3182bd",

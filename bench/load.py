@@ -5,10 +5,19 @@ a request cap (a Lua script stops each thread after BENCH_MAX_REQUESTS responses
 hard timeout on the process.
 h2load: HTTP/2 over TLS with BENCH_CONNECTIONS / BENCH_STREAMS connections of
 BENCH_STREAMS concurrent streams each (the same requests in flight as wrk: a browser's
-few connections, multiplexed); HTTP/1.1 (--h1) to a server without TLS. Bounded by its
-duration (-D; h2load then ignores a request count: one core's rate over the duration
-bounds it) and the same hard timeout. Latency percentiles come from its per-request log.
-The server side's CPU time is read from /proc before and after, by part (nginx, gunicorn).
+few connections, multiplexed); HTTP/1.1 (--h1) to a server without TLS. h2load (1.52,
+Debian 12) does not open a new connection when the server ends one: after nginx's
+`keepalive_requests` (1000, nginx/conf/runtime/connection.conf) nginx sends GOAWAY, and
+h2load counts the streams it had sent beyond GOAWAY's last stream id as failed (nginx
+never processed them; RFC 9113 6.8: a client retries them on a new connection) and the
+client then stays idle until -D ends: its req/s was requests / duration, not capacity.
+So h2load runs in batches: each makes exactly that many requests per connection (-n),
+new connections per batch (as a browser would reconnect), batches until BENCH_SECONDS or
+BENCH_MAX_REQUESTS, each under the hard timeout. Latency percentiles come from its
+per-request log (all batches).
+req/s is requests / wall time of the whole run, for both clients, so requests per server
+CPU-second is requests / server CPU-seconds exactly. The server side's CPU time is read
+from /proc before and after, by part (nginx, gunicorn).
 """
 
 from __future__ import annotations
@@ -20,13 +29,13 @@ import resource
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.processes import cpu_seconds, peak_rss_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
     from bench.processes import Server
     from bench.settings import Settings
@@ -41,6 +50,9 @@ function response(status, headers, body)
   if max > 0 and seen >= max then wrk.thread:stop() end
 end
 """
+
+
+CONNECTION_CONF = Path(__file__).resolve().parents[1] / "nginx/conf/runtime/connection.conf"
 
 
 class OutputError(ValueError):
@@ -102,18 +114,43 @@ def parse_wrk(output: str) -> tuple[float, float, float, int, int]:
 Figures = tuple[float, float, float, int, int]  # req/s, p50 ms, p99 ms, requests, errors
 
 
-def parse_h2load(output: str, log: str) -> Figures:
-    """req/s, p50 ms, p99 ms, requests, errors from h2load's summary and its --log-file
-    (per request: start µs, status, µs until the response ended; tab-separated)."""
+def _h2load_summary(output: str) -> tuple[float, int, int]:
+    """req/s, requests done, errors (failed: non-2xx/3xx or not completed, + timed out)."""
     rps = float(_find(r"finished in [\d.]+m?s, ([\d.]+) req/s", output, "req/s"))
     done = int(_find(r"^requests: .*?(\d+) done", output, "requests done"))
     failed = int(_find(r"^requests: .*?(\d+) failed", output, "requests failed"))
     timeout = int(_find(r"^requests: .*?(\d+) timeout", output, "requests timed out"))
+    return rps, done, failed + timeout
+
+
+def _h2load_latency(log: str) -> tuple[float, float]:
+    """p50 and p99 ms from h2load's --log-file (per request: start µs, status, µs until the
+    response ended; tab-separated)."""
     durations = sorted(int(line.split("\t")[2]) for line in log.splitlines() if line.strip())
     if not durations:
         raise OutputError("h2load's log holds no request")
-    p50, p99 = percentile(durations, 50) / 1000, percentile(durations, 99) / 1000
-    return rps, p50, p99, done, failed + timeout
+    return percentile(durations, 50) / 1000, percentile(durations, 99) / 1000
+
+
+def parse_h2load(output: str, log: str) -> Figures:
+    """req/s, p50 ms, p99 ms, requests, errors from h2load's summary and its --log-file."""
+    rps, done, errors = _h2load_summary(output)
+    return (rps, *_h2load_latency(log), done, errors)
+
+
+def combine_h2load(batches: list[str], log: str) -> Figures:
+    """The figures of consecutive h2load batches: their requests and errors summed, the
+    latency percentiles over every request in the log (req/s: the last batch's; measure()
+    divides the requests by the wall time of all of them)."""
+    if not batches:
+        raise OutputError("no h2load batch ran")
+    summaries = [_h2load_summary(out) for out in batches]
+    return (
+        summaries[-1][0],
+        *_h2load_latency(log),
+        sum(s[1] for s in summaries),
+        sum(s[2] for s in summaries),
+    )
 
 
 def percentile(ordered: list[int], pct: float) -> float:
@@ -122,18 +159,16 @@ def percentile(ordered: list[int], pct: float) -> float:
     return float(ordered[rank - 1])
 
 
-def measure(
-    argv: list[str],
-    parse: Callable[[str], Figures],
-    parts: dict[str, Server],
-    settings: Settings,
-    env: dict[str, str] | None = None,
-) -> Run:
-    """Run a load generator (argv, already pinned) and measure both sides around it."""
-    pids = {name: server.pids() for name, server in parts.items()}
-    before = {name: cpu_seconds(p) for name, p in pids.items()}
-    client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.monotonic()
+def per_connection_requests(conf: Path = CONNECTION_CONF) -> int:
+    """nginx's `keepalive_requests` for client connections, read from its one home: the
+    requests h2load makes on one connection before it opens the next."""
+    match = re.search(r"^keepalive_requests\s+(\d+);", conf.read_text(), re.MULTILINE)
+    if match is None:
+        raise OutputError(f"no keepalive_requests in {conf}")
+    return int(match.group(1))
+
+
+def _run(argv: list[str], settings: Settings, env: dict[str, str] | None = None) -> str:
     done = subprocess.run(
         argv,
         capture_output=True,
@@ -142,9 +177,20 @@ def measure(
         timeout=settings.run_timeout,
         check=False,
     )
-    wall = time.monotonic() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def measure(load: Callable[[], Figures], parts: dict[str, Server], settings: Settings) -> Run:
+    """Run a load generator (`load`: its runs, already pinned, and their figures) and
+    measure both sides around it."""
+    pids = {name: server.pids() for name, server in parts.items()}
+    before = {name: cpu_seconds(p) for name, p in pids.items()}
+    client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    _, p50, p99, requests, errors = load()
+    wall = time.monotonic() - started
     client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     parts_cpu = {name: max(0.0, cpu_seconds(pids[name]) - before[name]) / wall for name in parts}
     client_cpu = (
@@ -153,9 +199,8 @@ def measure(
         - client_before.ru_utime
         - client_before.ru_stime
     ) / wall
-    rps, p50, p99, requests, errors = parse(done.stdout)
     return Run(
-        rps,
+        requests / wall,
         p50,
         p99,
         requests,
@@ -196,7 +241,7 @@ def wrk(
         url,
     ]
     env = {**os.environ, "BENCH_MAX_REQUESTS": str(settings.max_requests)}
-    return measure(argv, parse_wrk, parts, settings, env)
+    return measure(lambda: parse_wrk(_run(argv, settings, env)), parts, settings)
 
 
 def h2load(
@@ -208,11 +253,12 @@ def h2load(
     settings: Settings,
     headers: tuple[str, ...] = (),
 ) -> Run:
-    """One bounded h2load run (HTTP/2 over TLS; HTTP/1.1 to a plain-HTTP url) pinned to the
-    client core."""
+    """Bounded h2load batches (HTTP/2 over TLS; HTTP/1.1 to a plain-HTTP url) pinned to the
+    client core, for `seconds` (see the module's docstring: why batches)."""
     h1 = url.startswith("http://")
     streams = 1 if h1 else settings.streams
     connections = max(1, settings.connections // streams)
+    batch = connections * per_connection_requests()
     argv = [
         *("taskset", "-c", str(settings.client_cpu), "h2load"),
         *(
@@ -223,10 +269,18 @@ def h2load(
             "--max-concurrent-streams",
             str(streams),
         ),
-        *("--duration", str(seconds), "--log-file", str(log)),
+        *("--requests", str(batch), "--log-file", str(log)),
         *(arg for header in headers for arg in ("--header", header)),
         *(["--h1"] if h1 else []),
         url,
     ]
-    log.unlink(missing_ok=True)
-    return measure(argv, lambda out: parse_h2load(out, log.read_text()), parts, settings)
+
+    def batches() -> Figures:
+        log.unlink(missing_ok=True)  # h2load appends: one log for all batches
+        outputs: list[str] = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and len(outputs) * batch < settings.max_requests:
+            outputs.append(_run(argv, settings))
+        return combine_h2load(outputs, log.read_text())
+
+    return measure(batches, parts, settings)

@@ -241,6 +241,18 @@ def start_compose(
     return server
 
 
+def wait_listening(server: Server, port: int, timeout: float = 30) -> None:
+    """Wait until something accepts connections on 127.0.0.1:`port`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.exited():
+            raise RuntimeError(f"{server.name} exited:\n{server.output()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{server.name} not listening after {timeout:.0f}s:\n{server.output()}")
+
+
 def wait_ready(
     server: Server,
     url: str,

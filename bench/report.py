@@ -123,6 +123,15 @@ def targets(configs: list[Config]) -> list[str]:
                 f"{mine.us_per_request - off[0].us_per_request:+.0f} µs of server CPU per "
                 f"request ({off[0].us_per_request:.0f} -> {mine.us_per_request:.0f})"
             )
+        otlp = _by(configs, client, "ours-otlp")
+        if otlp:
+            lines.append(
+                f"- [{client}] OTLP span export (OTEL_EXPORTER_OTLP_ENDPOINT set vs unset) "
+                f"costs {otlp[0].us_per_request - mine.us_per_request:+.0f} µs of server CPU "
+                f"per request ({mine.us_per_request:.0f} -> {otlp[0].us_per_request:.0f}), "
+                f"req/s x{otlp[0].median('rps') / mine.median('rps'):.2f}, p99 "
+                f"{mine.median('p99_ms'):.2f} -> {otlp[0].median('p99_ms'):.2f} ms"
+            )
         bridge, on_host = _by(configs, client, "compose"), _by(configs, client, "compose-host")
         if bridge and on_host:
             lines.append(

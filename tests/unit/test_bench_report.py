@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 
 from bench.configs import H2LOAD, WRK, Config
-from bench.load import OutputError, Run, parse_h2load, percentile
+from bench.load import (
+    OutputError,
+    Run,
+    combine_h2load,
+    parse_h2load,
+    per_connection_requests,
+    percentile,
+)
 from bench.report import render
 from bench.settings import SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 SETTINGS = load_settings({"BENCH_SERVER_CPU": "0", "BENCH_CLIENT_CPU": "1"})
 
@@ -57,6 +69,7 @@ def test_ratios_are_to_the_references_medians() -> None:
     assert "p99 5.00 vs 20.00 ms (no worse)" in report
     assert "access logs + HTTP metrics cost +83 µs" in report  # 333 - 250
     assert "**75%** per server CPU-second (target ≥ 60 %)" in report
+    assert "OTLP" not in report  # not measured: no line
     assert "- a note" in report
 
 
@@ -93,6 +106,30 @@ def test_h2load_summary_and_log_are_read() -> None:
     assert errors == 3
 
 
+def test_h2load_batches_add_up() -> None:
+    # Two batches of 8 connections x 1000 requests; the second had 3 streams refused.
+    first = "finished in 4.00s, 2000.00 req/s, 1MB/s\nrequests: 8000 total, 8000 started, "
+    first += "8000 done, 8000 succeeded, 0 failed, 0 errored, 0 timeout\n"
+    second = first.replace("8000 succeeded, 0 failed", "7997 succeeded, 3 failed")
+    log = "".join(f"1\t200\t{us}\n" for us in range(1, 201))
+    _, p50, p99, requests, errors = combine_h2load([first, second], log)
+    assert (requests, errors) == (16000, 3)
+    assert (p50, p99) == (pytest.approx(0.1), pytest.approx(0.198))  # over the whole log
+    with pytest.raises(OutputError, match="no h2load batch"):
+        combine_h2load([], log)
+
+
+def test_h2load_batches_follow_nginx_keepalive_requests(tmp_path: Path) -> None:
+    # The shipped value, from its one home; and a config without it is an error.
+    assert per_connection_requests() >= 100
+    conf = tmp_path / "connection.conf"
+    conf.write_text("keepalive_timeout 30s;\nkeepalive_requests 250;\n")
+    assert per_connection_requests(conf) == 250
+    conf.write_text("# keepalive_requests 250;\n")
+    with pytest.raises(OutputError, match="no keepalive_requests"):
+        per_connection_requests(conf)
+
+
 def test_h2load_without_requests_is_an_error() -> None:
     with pytest.raises(OutputError, match="no request"):
         parse_h2load(H2LOAD_OUT, "")
@@ -116,3 +153,16 @@ def test_bad_setting_names_the_variable() -> None:
 def test_server_and_client_need_different_cores() -> None:
     with pytest.raises(SettingsError, match="different cores"):
         load_settings({"BENCH_SERVER_CPU": "1", "BENCH_CLIENT_CPU": "1"})
+
+
+def test_otlp_price_is_ours_with_export_minus_without() -> None:
+    configs = [
+        config("uvicorn", "ceiling", run(4_000, 1.0)),
+        config("ours", "ours", run(2_000, 1.0, p99=10)),  # 500 µs per request
+        config("ours otlp", "ours-otlp", run(1_600, 1.0, p99=12)),  # 625 µs
+    ]
+    report = render(configs, [], "", SETTINGS)
+    assert (
+        "[wrk] OTLP span export (OTEL_EXPORTER_OTLP_ENDPOINT set vs unset) costs +125 µs of "
+        "server CPU per request (500 -> 625), req/s x0.80, p99 10.00 -> 12.00 ms"
+    ) in report
