@@ -169,6 +169,11 @@ bench: install ## Benchmark (not a test): our layers side by side, pinned cores;
 	bash scripts/ensure-compose.sh
 	$(BENCH_ENV) $(BIN)/python -m bench $(ARGS)
 
+.PHONY: bench-ablate
+bench-ablate: install ## Benchmark nginx one directive at a time (bench/ablate.py): µs of nginx CPU per request each
+	bash scripts/ensure-compose.sh
+	$(BENCH_ENV) $(BIN)/python -m bench.ablate
+
 .PHONY: up-monitoring
 up-monitoring: ## The stack plus Prometheus, the nginx exporter and Grafana (ports on 127.0.0.1)
 	bases=$$($(PICK_BASE) monitoring) && env $$bases $(COMPOSE) --profile monitoring up --build --detach --wait

@@ -283,10 +283,16 @@ def start_otlp_sink(work: Path, settings: Settings) -> tuple[Server, str, Callab
 
 
 def start_ours(
-    work: Path, settings: Settings, *, features: bool = True, otlp: bool = False
+    work: Path,
+    settings: Settings,
+    *,
+    features: bool = True,
+    otlp: bool = False,
+    overrides: list[str] | None = None,
 ) -> Started:
     """Our gunicorn on the host, the shipped nginx service on the host's network; with
-    `otlp`, the app exports a span per request to a sink on loopback."""
+    `otlp`, the app exports a span per request to a sink on loopback; `overrides`: more
+    compose files for nginx (paths; bench/ablate.py's variants)."""
     ensure_nginx_ports()
     port = free_port()
     helpers: dict[str, Server] = {}
@@ -307,11 +313,12 @@ def start_ours(
             helper.stop()
         raise
     cafile = self_signed(work / "certs")
-    overrides = ["compose.host-nginx.yml"] + ([] if features else ["compose.nginx-no-log.yml"])
+    files = ["compose.host-nginx.yml"] + ([] if features else ["compose.nginx-no-log.yml"])
+    files += overrides or []
     project = f"bench-{os.getpid()}-nginx"
     env = compose_env(project, settings, cafile.parent, BENCH_APP_PORT=str(port))
     try:
-        nginx = start_compose("nginx", _compose(*overrides), ["nginx"], env, work / "nginx.log")
+        nginx = start_compose("nginx", _compose(*files), ["nginx"], env, work / "nginx.log")
     except BaseException:
         gunicorn.stop()
         for helper in helpers.values():

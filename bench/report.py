@@ -149,7 +149,30 @@ def targets(configs: list[Config]) -> list[str]:
             f"(target ≥ 60 %), req/s {mine.median('rps') / ref.median('rps'):.0%}, "
             f"p99 **{p99x:.2f} x** (target ≤ 2 x)"
         )
+        parts = part_us(mine)
+        if "nginx" in parts:
+            edge, app, bare = (
+                parts["nginx"],
+                mine.us_per_request - parts["nginx"],
+                ref.us_per_request,
+            )
+            lines.append(
+                f"- where the full path's {mine.us_per_request:.0f} µs per request go (wrk): "
+                f"nginx (TLS, proxy, access log) {edge:.0f} µs, the app side (gunicorn + "
+                f"serving layer + app) {app:.0f} µs vs bare uvicorn's {bare:.0f} µs. With "
+                f"an app side as cheap as bare uvicorn, this nginx alone would allow "
+                f"{bare / (bare + edge):.0%}; 60 % leaves the app side "
+                f"{bare / 0.6 - edge - bare:+.0f} µs over bare uvicorn (it takes {app - bare:+.0f})"
+            )
     return lines
+
+
+def part_us(config: Config) -> dict[str, float]:
+    """Server CPU per request of each part (nginx, gunicorn, ...), µs, median of rounds."""
+    return {
+        name: statistics.median(r.parts_cpu[name] / r.rps * 1e6 for r in config.runs if r.rps)
+        for name in config.runs[0].parts_cpu
+    }
 
 
 def per_part(configs: list[Config]) -> list[str]:
@@ -157,10 +180,7 @@ def per_part(configs: list[Config]) -> list[str]:
     for config in configs:
         if len(config.runs[0].parts_cpu) < 2:
             continue
-        us = {
-            name: statistics.median(r.parts_cpu[name] / r.rps * 1e6 for r in config.runs if r.rps)
-            for name in config.runs[0].parts_cpu
-        }
+        us = part_us(config)
         lines.append(
             f"- {config.name} [{config.client}]: server CPU per request "
             + " + ".join(f"{name} {value:.0f} µs" for name, value in us.items())

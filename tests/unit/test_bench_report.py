@@ -166,3 +166,17 @@ def test_otlp_price_is_ours_with_export_minus_without() -> None:
         "[wrk] OTLP span export (OTEL_EXPORTER_OTLP_ENDPOINT set vs unset) costs +125 µs of "
         "server CPU per request (500 -> 625), req/s x0.80, p99 10.00 -> 12.00 ms"
     ) in report
+
+
+def test_the_full_path_is_split_into_edge_and_app_side() -> None:
+    ours = run(2_000, 1.0)  # 500 µs per request: nginx 100 + gunicorn 400
+    ours.parts_cpu = {"nginx": 0.2, "gunicorn": 0.8}
+    configs = [config("uvicorn", "ceiling", run(5_000, 1.0)), config("ours", "ours", ours)]
+    report = render(configs, [], "", SETTINGS)
+    assert (
+        "where the full path's 500 µs per request go (wrk): nginx (TLS, proxy, access log) "
+        "100 µs, the app side (gunicorn + serving layer + app) 400 µs vs bare uvicorn's 200 µs"
+    ) in report
+    # 200 / (200 + 100) = 67 %; 60 %: 333 µs in all, 33 over bare uvicorn for the app side
+    assert "this nginx alone would allow 67%; 60 % leaves the app side +33 µs" in report
+    assert "(it takes +200)" in report
