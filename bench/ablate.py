@@ -1,4 +1,5 @@
-"""`python -m bench.ablate` (make bench-ablate): what each nginx directive costs, one at a time.
+"""`python -m bench.ablate [WORD...]` (make bench-ablate): what each nginx directive costs,
+one at a time (only the variants whose name contains a WORD, if given).
 
 `ours` (the shipped nginx service on the host's network in front of our gunicorn), once as
 shipped and once per variant: one file of nginx/conf replaced by a copy with one change,
@@ -117,7 +118,9 @@ def override(work: Path, variant: Variant) -> Path:
     return compose
 
 
-def setups(settings: Settings) -> list[Setup]:
+def setups(settings: Settings, only: list[str] | None = None) -> list[Setup]:
+    """The shipped config, then each variant (or those whose name contains one of `only`)."""
+
     def start(variant: Variant | None) -> Callable[[Path], Started]:
         def run(work: Path) -> Started:
             extra = [str(override(work, variant))] if variant else []
@@ -127,6 +130,8 @@ def setups(settings: Settings) -> list[Setup]:
 
     result = [Setup("shipped", start(None), both("shipped", "ours"))]
     for i, variant in enumerate(VARIANTS):
+        if only and not any(word in variant.name for word in only):
+            continue
         result.append(Setup(f"variant-{i}", start(variant), both(variant.name, "variant")))
     return result
 
@@ -161,14 +166,15 @@ def render(configs: list[Config], rounds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    only = argv if argv is not None else sys.argv[1:]  # words of variant names
     from bench.__main__ import _rounds
     from bench.load import CAP_LUA
     from bench.tools import DEBIAN, build_images, ensure_debian_packages
 
     try:
         settings = load_settings()
-        chosen = setups(settings)
+        chosen = setups(settings, only)
         for variant in VARIANTS:
             variant.render()
     except (SettingsError, ValueError) as error:
