@@ -15,6 +15,8 @@
 #                                      (what acme/Dockerfile installs on the official image)
 #   localbase/pebble:trixie          Debian's pebble + pebble-challtestsrv: the test ACME CA
 #                                      of the e2e tests (tests/e2e/acme/), never deployed
+#   localbase/swarm-node:trixie      Debian's docker.io: Swarm nodes in containers for the
+#                                      multi-node e2e test; built only when named
 #
 # The same Dockerfiles build on these and on the official images; they are passed as
 # build args (PYTHON_IMAGE, NGINX_IMAGE, PROMETHEUS_IMAGE, NGINX_EXPORTER_IMAGE,
@@ -28,7 +30,7 @@
 #
 # Usage: scripts/base-images.sh [--force] [--jobs N] [name ...]
 #        (names: python nginx prometheus nginx-exporter alertmanager blackbox-exporter acme
-#         pebble)
+#         pebble; swarm-node only when named)
 # Env:   DEBIAN_MIRROR (default http://deb.debian.org/debian)
 #        DEBIAN_SECURITY_MIRROR (default http://deb.debian.org/debian-security)
 #        BASE_IMAGES_JOBS (parallel builds, default 2: the work is mostly download + dpkg)
@@ -164,6 +166,15 @@ recipe_pebble() {
     echo "change ENV PATH=$PATH_DEFAULT"
     echo 'change USER nobody'
     echo 'change CMD ["pebble", "-h"]'
+}
+
+recipe_swarm-node() {
+    # A Docker Engine from Debian's docker.io, to run as a Swarm node in a container:
+    # the multi-node e2e test (tests/e2e/test_swarm_nodes.py), never deployed. Not in
+    # ALL_IMAGES: that test builds it on demand.
+    echo "pkg docker.io"
+    echo "change ENV PATH=$PATH_DEFAULT"
+    echo 'change CMD ["dockerd"]'
 }
 
 # ── common mmdebstrap options (part of every image's hash) ──────────────────

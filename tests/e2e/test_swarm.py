@@ -28,10 +28,8 @@ import atexit
 import contextlib
 import datetime
 import fcntl
-import ipaddress
 import json
 import os
-import random
 import ssl
 import subprocess
 import time
@@ -41,11 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-from conftest import NOTES, ROOT, TIMINGS, free_port, run, used_subnets
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from conftest import NOTES, ROOT, TIMINGS, free_port, run
+from swarm import DEPLOY, build_images, certificate, free_pool
 from traffic import PacedTraffic
 
 if TYPE_CHECKING:
@@ -53,7 +48,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.e2e
 
-DEPLOY = ROOT / "deploy" / "swarm" / "deploy.sh"
 CONVERGE_TIMEOUT = 240  # an update: per task start (healthy ~5-10 s) + delay 5 s, monitor 30 s
 REPLICA_FOLLOW_TIMEOUT = 30
 # One swarm test per engine at a time. /tmp, not $TMPDIR: every checkout on this host
@@ -107,51 +101,6 @@ def _swarm_lock(timeout: float = SWARM_LOCK_TIMEOUT) -> Iterator[None]:
         handle.truncate()
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
-
-
-def _free_pool() -> ipaddress.IPv4Network:
-    """A /16 for the swarm's networks that no docker network or host route touches."""
-    taken = used_subnets()
-    candidates = list(ipaddress.IPv4Network("10.192.0.0/12").subnets(new_prefix=16))
-    random.shuffle(candidates)
-    for net in candidates:
-        if not any(net.overlaps(other) for other in taken):
-            return net
-    raise RuntimeError("no free /16 in 10.192.0.0/12 for the swarm's address pool")
-
-
-def _certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed ECDSA P-256 certificate for localhost / 127.0.0.1 (two days)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "fullchain.pem", directory / "privkey.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
 
 
 @dataclass
@@ -258,18 +207,8 @@ def swarm(
     name = f"e2e-{tag.removeprefix('e2e-')}-swarm"
     env = dict(e2e_env)
     # The images a stack cannot build: this session's, plus a second app build to update to.
-    build_start = time.monotonic()
-    compose = ["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "-p", name]
-    run([*compose, "build", "app", "nginx"], env=env, timeout=900)
-    run([*compose, "build", "app"], env={**env, "APP_VERSION": f"{tag}-v2"}, timeout=900)
-    TIMINGS["swarm: images built (app v1 + v2, nginx)"] = time.monotonic() - build_start
-    images = {
-        "app": f"{env['APP_IMAGE']}:{tag}",
-        "app-v2": f"{env['APP_IMAGE']}:{tag}-v2",
-        "nginx": f"{env['NGINX_IMAGE_NAME']}:{tag}",
-    }
-    certs = tmp_path_factory.mktemp("swarm-certs")
-    cert_file, key_file = _certificate(certs)
+    images = build_images(env, name, v2=True)
+    cert_file, key_file = certificate(tmp_path_factory.mktemp("swarm-certs"))
     try:
         lock_start = time.monotonic()
         with _swarm_lock():
@@ -291,7 +230,7 @@ def _swarm_stack(
             "touch another one (`docker swarm leave --force` if it is a leftover)",
             pytrace=False,
         )
-    pool = _free_pool()
+    pool = free_pool()
     backend = list(pool.subnets(new_prefix=24))[-1]
     https_port, http_port = free_port(), free_port()
     env = {
