@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import random
 import time
 from pathlib import Path
@@ -79,3 +80,17 @@ def build_images(env: dict[str, str], project: str, *, v2: bool = False) -> dict
         images["app-v2"] = f"{env['APP_IMAGE']}:{tag}-v2"
     TIMINGS[f"swarm: images built ({', '.join(images)})"] = time.monotonic() - start
     return images
+
+
+def access_log_ids(log: str) -> set[str]:
+    """Request ids of the nginx access lines in a task's log: every request nginx read,
+    answered or not (PacedTraffic.lost)."""
+    ids = set()
+    for line in log.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("logger") == "nginx.access":
+            ids.add(str(record.get("request_id", "")))
+    return ids
