@@ -46,15 +46,18 @@ from traffic import PacedTraffic
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-pytestmark = pytest.mark.e2e
+# The first test's setup builds the images, may wait SWARM_LOCK_TIMEOUT for another run,
+# then deploys: more than pytest's default 600 s when it has to wait.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 CONVERGE_TIMEOUT = 240  # an update: per task start (healthy ~5-10 s) + delay 5 s, monitor 30 s
 REPLICA_FOLLOW_TIMEOUT = 30
 # One swarm test per engine at a time. /tmp, not $TMPDIR: every checkout on this host
 # must find the same file. The wait covers one whole run of this module after its image
-# builds (deploy, update, kill, scale, leave: 5-10 min on a busy 2-core host).
+# builds (deploy, update, kill, scale, leave: about 3 min, measured; twice that on a
+# busy 2-core host).
 SWARM_LOCK = Path("/tmp/asgi-stack-e2e-swarm.lock")
-SWARM_LOCK_TIMEOUT = 1200
+SWARM_LOCK_TIMEOUT = 420
 
 
 # ── the swarm, its stack, and leaving it ──────────────────────────────────────────────
