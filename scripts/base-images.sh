@@ -275,6 +275,9 @@ build_one() {
             --message "localbase $name recipe-$hash from Debian $SUITE" \
             - "$cache_tag" >>"$logfile"; then
         tail -n 30 "$logfile" >&2
+        # docker import may have tagged what it read before mmdebstrap failed (an empty
+        # image): drop it, or the next run would take it for the cached build.
+        docker image rm "$cache_tag" >/dev/null 2>&1 || true
         die "building $tag failed (full log: $logfile)"
     fi
     docker tag "$cache_tag" "$tag"
