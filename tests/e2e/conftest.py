@@ -52,6 +52,7 @@ LOCAL_BASE_IMAGES = {
     "ALERTMANAGER_IMAGE": "localbase/alertmanager:trixie",
     "BLACKBOX_EXPORTER_IMAGE": "localbase/blackbox-exporter:trixie",
     "ACME_BASE_IMAGE": "localbase/acme:trixie",
+    "PEBBLE_BASE_IMAGE": "localbase/pebble:trixie",  # tests/e2e/acme/ (test CA, e2e only)
 }
 # Backend subnets for test stacks: /24s of this range that no docker network or host
 # route uses (10.240.0.0/24 is the compose default, left to a real stack).
@@ -461,6 +462,7 @@ def e2e_env() -> dict[str, str]:
             "PROMETHEUS_IMAGE_NAME": "asgi-stack-e2e/prometheus",
             "LOCUST_IMAGE": "asgi-stack-e2e/locust",
             "ACME_IMAGE": "asgi-stack-e2e/acme",
+            "PEBBLE_IMAGE": "asgi-stack-e2e/pebble",
         }
     )
     if base == "local":
