@@ -128,7 +128,7 @@ def prometheus(monitored_stack: Stack) -> Prometheus:
     deadline = time.time() + 60
     while time.time() < deadline:  # first scrapes of every job
         up = {r["metric"]["job"]: r["value"][1] for r in prom.query("up")}
-        if up == {"app": "1", "nginx": "1", "prometheus": "1", "alertmanager": "1"}:
+        if up == {"app": "1", "nginx": "1", "prometheus": "1", "alertmanager": "1", "tls": "1"}:
             return prom
         time.sleep(1)
     pytest.fail(f"targets not all up: {prom.query('up')}")
