@@ -7,7 +7,7 @@ list of issues. sslyze's OpenSSL cannot offer the ML-KEM hybrids, so the post-qu
 nginx may add on OpenSSL 3.5+ (nginx/conf/tls/policy-intermediate.conf) is checked with
 nginx's own openssl client instead.
 https://ssl-config.mozilla.org/#server=nginx&config=intermediate
-https://nabla-c0d3.github.io/sslyze/documentation/ (the Python API used here)
+tests/e2e/tls_scan.py runs the scan and the check (sslyze's Python API).
 """
 
 from __future__ import annotations
@@ -15,21 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
-from sslyze import (
-    CertificateInfoExtraArgument,
-    ScanCommandsExtraArguments,
-    Scanner,
-    ServerNetworkLocation,
-    ServerScanRequest,
-    ServerScanStatusEnum,
-)
-from sslyze.mozilla_tls_profile.tls_config_checker import (
-    SCAN_COMMANDS_NEEDED_BY_MOZILLA_CHECKER,
-    MozillaTlsConfiguration,
-    ServerNotCompliantWithTlsConfiguration,
-    TlsConfigurationEnum,
-    check_server_against_tls_configuration,
-)
+from tls_scan import intermediate_issues
+from tls_scan import scan as sslyze_scan
 
 if TYPE_CHECKING:
     from sslyze import ServerScanResult
@@ -42,26 +29,12 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def scan(stack: Stack) -> ServerScanResult:
     assert stack.cafile is not None
-    request = ServerScanRequest(
-        server_location=ServerNetworkLocation("localhost", stack.https_port, "127.0.0.1"),
-        scan_commands=SCAN_COMMANDS_NEEDED_BY_MOZILLA_CHECKER,
-        scan_commands_extra_arguments=ScanCommandsExtraArguments(
-            certificate_info=CertificateInfoExtraArgument(custom_ca_file=stack.cafile)
-        ),
-    )
-    scanner = Scanner()
-    scanner.queue_scans([request])
-    (result,) = scanner.get_results()
-    assert result.scan_status == ServerScanStatusEnum.COMPLETED, result.connectivity_error_trace
-    return result
+    return sslyze_scan("localhost", stack.https_port, stack.cafile)
 
 
 def test_edge_is_compliant_with_mozilla_intermediate(scan: ServerScanResult) -> None:
-    profile = MozillaTlsConfiguration.get(TlsConfigurationEnum.MOZILLA_INTERMEDIATE)
-    try:
-        check_server_against_tls_configuration(scan, profile)
-    except ServerNotCompliantWithTlsConfiguration as exc:
-        pytest.fail(f"not Mozilla intermediate: {exc.issues}", pytrace=False)
+    issues = intermediate_issues(scan)
+    assert not issues, f"not Mozilla intermediate: {issues}"
 
 
 def test_curves_are_exactly_the_profiles(scan: ServerScanResult) -> None:
