@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import orjson
 import structlog
 
-from server import request_id
+from server import request_id, trace_context
 from server.logs import get_logger, log_access
 from server.metrics import UNMATCHED_ROUTE
 
@@ -107,7 +107,13 @@ async def observe_websocket(
 ) -> None:
     started = time.perf_counter()
     rid, rid_bytes = request_id.for_scope(scope)
-    tokens = structlog.contextvars.bind_contextvars(request_id=rid)
+    # The session is a span of the trace nginx started (or the client's): its line carries
+    # the trace id of nginx's line for the upgrade, as an HTTP request's does.
+    incoming = next((v for k, v in scope["headers"] if k == trace_context.HEADER), None)
+    span = trace_context.begin(incoming, rid)
+    tokens = structlog.contextvars.bind_contextvars(
+        request_id=rid, trace_id=span.trace_id, span_id=span.span_id
+    )
     session = _Session(metrics, scope, receive, send, rid_bytes)
     try:
         await app(scope, session.receive, session.send)

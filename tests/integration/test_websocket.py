@@ -47,9 +47,11 @@ def _lines(server: Server, event: str, request_id: str | None = None) -> list[di
 
 def test_echo_round_trip_with_request_id_and_one_access_line(server: Server) -> None:
     rid = "ws-" + secrets.token_hex(8)
+    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    headers = {"X-Request-ID": rid, "traceparent": f"00-{trace_id}-{parent_id}-01"}
 
     async def session() -> tuple[str | None, list[str | bytes]]:
-        async with connect(_ws_url(server), additional_headers={"X-Request-ID": rid}) as ws:
+        async with connect(_ws_url(server), additional_headers=headers) as ws:
             answers: list[str | bytes] = []
             for message in ("hello", b"\x00\xffbinary", "é" * 100):
                 await ws.send(message)
@@ -71,6 +73,10 @@ def test_echo_round_trip_with_request_id_and_one_access_line(server: Server) -> 
     assert line["messages_out"] == 3
     assert isinstance(line["duration_ms"], float)
     assert line["duration_ms"] > 0
+    # The session continues the caller's trace with a span of its own, as a request does.
+    assert line["trace_id"] == trace_id
+    assert len(str(line["span_id"])) == 16
+    assert line["span_id"] != parent_id
     # No per-handshake lines from uvicorn or the websockets library besides ours.
     chatter = [
         r
