@@ -94,6 +94,14 @@ def run(
     return proc
 
 
+def remove_images(repository: str) -> None:
+    """Every tag of `repository`, an image name a test made its own (e.g. for `make deploy`,
+    which keeps `<APP_IMAGE>:previous`)."""
+    tags = run(["docker", "image", "ls", "--format", "{{.Repository}}:{{.Tag}}", repository])
+    for tag in tags.stdout.split():
+        run(["docker", "image", "rm", tag], check=False)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

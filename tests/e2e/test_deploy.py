@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import TIMINGS, run
+from conftest import TIMINGS, remove_images, run
 from traffic import PacedTraffic
 
 if TYPE_CHECKING:
@@ -171,9 +171,7 @@ def deploy_stack(stack_factory: StackFactory) -> Iterator[Stack]:
         yield stack
     finally:
         stack_factory.down(stack)
-        tags = run(["docker", "image", "ls", "--format", "{{.Repository}}:{{.Tag}}", image])
-        for tag in tags.stdout.split():
-            run(["docker", "image", "rm", tag], check=False)
+        remove_images(image)
 
 
 @pytest.fixture(scope="module")
