@@ -6,6 +6,8 @@ real Prometheus.
 - a worker killed with SIGKILL never makes a counter go down, and is counted as a restart;
 - Prometheus keeps the exemplars of the latency buckets: their trace ids are requests that
   nginx and the app logged;
+- with OTLP export on, the receiver gets one server span per request, named by the route
+  template, with the trace id of the request's nginx and app log lines;
 - AppTargetDown fires when the app is stopped (with the production rule, `for: 1m`), reaches
   a webhook receiver through Alertmanager, and its resolution follows when the app is back;
   the Watchdog (the dead man's switch) reaches it too.
@@ -21,11 +23,13 @@ import asyncio
 import itertools
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from websockets.asyncio.client import connect
 
 from tests.e2e.receiver import URL as RECEIVER_URL
@@ -53,15 +57,19 @@ def monitored_stack(stack_factory: StackFactory) -> Stack:
     stack = stack_factory.up(
         "monitoring",
         profiles=("monitoring",),
-        env={"ALERTMANAGER_WEBHOOK_URL": f"{RECEIVER_URL}/alerts"},
+        env={
+            "ALERTMANAGER_WEBHOOK_URL": f"{RECEIVER_URL}/alerts",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER_URL,  # the SDK posts to /v1/traces
+        },
     )
     assert {"prometheus", "alertmanager", "nginx-exporter"} <= set(stack.services())
     return stack
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def receiver(monitored_stack: Stack) -> Iterator[Receiver]:
-    """The webhook the stack's Alertmanager posts to (tests/e2e/receiver.py)."""
+    """The webhook the stack's Alertmanager posts to and the OTLP/HTTP collector its app
+    exports spans to (tests/e2e/receiver.py), there from the module's first test on."""
     started = Receiver.start(monitored_stack)
     try:
         yield started
@@ -351,10 +359,10 @@ def test_exemplars_are_trace_ids_of_requests_in_the_logs(
         for exemplar in series["exemplars"]
     ]
     assert exemplars, body
-    app_lines = {
+    app_lines = {  # HTTP requests' lines (a WebSocket session's is "websocket")
         r["trace_id"]: r
         for r in monitored_stack.records("app")
-        if r.get("logger") == "server.access"
+        if r.get("logger") == "server.access" and r.get("event") == "request"
     }
     nginx_lines = {r["trace_id"]: r for r in monitored_stack.records("nginx") if r.get("trace_id")}
     for labels, exemplar in exemplars:
@@ -365,6 +373,81 @@ def test_exemplars_are_trace_ids_of_requests_in_the_logs(
         assert float(exemplar["value"]) <= float(labels["le"])
         assert abs(float(exemplar["value"]) * 1000 - float(line["duration_ms"])) < 1
         assert nginx_lines[trace_id]["request_id"] == line["request_id"]
+
+
+def _spans(receiver: Receiver) -> list[tuple[dict[str, Any], Any]]:
+    """Every span the receiver got over OTLP/HTTP (protobuf), with its resource's attributes."""
+    found = []
+    for item in receiver.received():
+        if item.path != "/v1/traces":
+            continue
+        assert item.content_type == "application/x-protobuf", item.content_type
+        request = ExportTraceServiceRequest.FromString(item.body)
+        for resource_spans in request.resource_spans:
+            resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                found.extend((resource, span) for span in scope_spans.spans)
+    return found
+
+
+def test_otlp_receiver_gets_one_span_per_request_with_the_logged_trace_id(
+    monitored_stack: Stack, receiver: Receiver
+) -> None:
+    # (path, route template, status); nginx starts each trace (no client traceparent),
+    # but for the last request, whose client's trace it continues.
+    requests = [
+        ("/api/items/7", "/api/items/{item_id}", 200),
+        ("/api/items/999", "/api/items/{item_id}", 404),
+        ("/api/hello", "/api/hello", 200),
+        ("/api/boom", "/api/boom", 500),
+    ]
+    client_trace, client_parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    sent: dict[str, tuple[str, str, int, str]] = {}  # trace id -> path, route, status, rid
+    with monitored_stack.client() as client:
+        for n, (path, route, status) in enumerate(requests):
+            continued = n == len(requests) - 1
+            headers = {"traceparent": f"00-{client_trace}-{client_parent}-01"} if continued else {}
+            response = client.get(path, headers=headers)
+            assert response.status_code == status, response.text[:200]
+            rid = response.headers["x-request-id"]
+            sent[client_trace if continued else rid] = (path, route, status, rid)
+
+    def arrived() -> bool:
+        return {s.trace_id.hex() for _, s in _spans(receiver)} >= sent.keys()
+
+    _wait_for(arrived, timeout=30, what="the requests' spans at the OTLP receiver")
+    time.sleep(1)  # a second span of the same request would come in the same batch or next
+    spans = [(r, s) for r, s in _spans(receiver) if s.trace_id.hex() in sent]
+    assert sorted(s.trace_id.hex() for _, s in spans) == sorted(sent)  # one per request
+
+    app_lines = {
+        r["trace_id"]: r
+        for r in monitored_stack.records("app")
+        if r.get("logger") == "server.access" and r.get("trace_id") in sent
+    }
+    nginx_lines = {r["trace_id"]: r for r in monitored_stack.records("nginx") if r.get("trace_id")}
+    for resource, span in spans:
+        trace_id = span.trace_id.hex()
+        path, route, status, rid = sent[trace_id]
+        attributes = {a.key: a.value for a in span.attributes}
+        assert span.name == f"GET {route}"
+        assert span.kind == span.SPAN_KIND_SERVER
+        assert attributes["http.route"].string_value == route
+        assert attributes["url.path"].string_value == path
+        assert attributes["http.response.status_code"].int_value == status
+        assert (span.status.code == span.status.STATUS_CODE_ERROR) == (status >= 500)
+        assert resource["service.version"] == monitored_stack.env["APP_VERSION"]
+        # The same request in both logs: the app's line has the span's own id, nginx's the id
+        # it answered with; the span's parent is the one nginx (or the client) sent.
+        assert app_lines[trace_id]["span_id"] == span.span_id.hex()
+        assert app_lines[trace_id]["route"] == route
+        assert app_lines[trace_id]["request_id"] == rid
+        assert nginx_lines[trace_id]["request_id"] == rid
+        assert nginx_lines[trace_id]["status"] == status
+        if trace_id == client_trace:
+            assert span.parent_span_id.hex() == client_parent
+        else:
+            assert span.parent_span_id.hex() == rid[16:]  # nginx: the request id's low half
 
 
 def _notifications(receiver: Receiver, alertname: str, status: str) -> list[dict[str, Any]]:
