@@ -371,7 +371,10 @@ def test_exemplars_are_trace_ids_of_requests_in_the_logs(
         line = app_lines[trace_id]
         assert line["route"] == labels["route"]
         assert float(exemplar["value"]) <= float(labels["le"])
-        assert abs(float(exemplar["value"]) * 1000 - float(line["duration_ms"])) < 1
+        if line["route"] == "/api/events":  # timed until the stream began; logged whole
+            assert float(exemplar["value"]) * 1000 <= float(line["duration_ms"])
+        else:
+            assert abs(float(exemplar["value"]) * 1000 - float(line["duration_ms"])) < 1
         assert nginx_lines[trace_id]["request_id"] == line["request_id"]
 
 
@@ -486,11 +489,16 @@ def test_app_target_down_fires_when_the_app_stops(
 
     # Through Alertmanager to the webhook: pages wait group_wait (10s) at most.
     fired_at = time.time()
-    _wait_for(
-        lambda: bool(_notifications(receiver, "AppTargetDown", "firing")),
-        timeout=60,
-        what="AppTargetDown at the webhook",
-    )
+    try:
+        _wait_for(
+            lambda: bool(_notifications(receiver, "AppTargetDown", "firing")),
+            timeout=60,
+            what="AppTargetDown at the webhook",
+        )
+    except pytest.fail.Exception:
+        got = [(r.path, r.content_type) for r in receiver.received() if r.path != "/v1/traces"]
+        logs = monitored_stack.logs("alertmanager")[-15:]
+        pytest.fail(f"AppTargetDown not at the webhook in 60s; it got {got}; alertmanager: {logs}")
     notified = time.time() - fired_at
     (page,) = _notifications(receiver, "AppTargetDown", "firing")[:1]
     assert page["receiver"] == "webhook"
