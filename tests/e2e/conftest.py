@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+ACCESS_LOG_CONF = ROOT / "nginx" / "conf" / "logging" / "access-log.conf"
 SCRIPTS = ROOT / "scripts"
 
 # The CI base images (scripts/base-images.sh) for every base-image build arg.
@@ -268,7 +269,9 @@ class Stack:
 
     def nginx_request_ids(self) -> set[str]:
         """Request ids of nginx's access log: every request nginx read, answered or not
-        (PacedTraffic.lost)."""
+        (PacedTraffic.lost). Read after the access log's flush interval, so a buffered line
+        of the last requests is there too: an absent id must mean nginx never read it."""
+        time.sleep(access_log_flush_seconds() + 0.5)
         return {
             str(r["request_id"])
             for r in self.records("nginx")
@@ -443,6 +446,12 @@ def _script(name: str, *args: str, timeout: float = 900) -> None:
     start = time.monotonic()
     run(["bash", str(SCRIPTS / name), *args], timeout=timeout)
     TIMINGS[f"scripts/{name}"] = time.monotonic() - start
+
+
+def access_log_flush_seconds(conf: Path = ACCESS_LOG_CONF) -> float:
+    """At the latest after this nginx writes a buffered access line (`flush=`; 0: unbuffered)."""
+    match = re.search(r"^access_log\s[^;]*\bflush=(\d+)s", conf.read_text(), re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
 
 
 @pytest.fixture(scope="session")
