@@ -62,7 +62,7 @@ def create_app(settings: Settings) -> ASGIApp:
     if settings.otel_exporter_otlp_endpoint:  # else OpenTelemetry is never imported
         from server.otlp import SpanExport
 
-        spans = SpanExport(settings.app_version)
+        spans = SpanExport(settings.app_module, settings.app_version)
     return wrap(user_app, HttpMetrics() if settings.http_metrics == "on" else None, spans=spans)
 
 

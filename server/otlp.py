@@ -6,7 +6,8 @@ provider (a batch processor's thread does not survive fork). The span takes the 
 middleware already chose and logged (`server.trace_context`), so the trace and span ids in
 the logs, in the `traceparent` returned and in the tracing backend are the same. The SDK
 reads its other settings from the standard variables (OTEL_SERVICE_NAME,
-OTEL_EXPORTER_OTLP_HEADERS, OTEL_TRACES_SAMPLER, OTEL_BSP_*...).
+OTEL_EXPORTER_OTLP_HEADERS, OTEL_TRACES_SAMPLER, OTEL_BSP_*...); without a service name
+there, the service is named after APP_MODULE's top package.
 https://opentelemetry.io/docs/specs/semconv/http/http-spans/
 """
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
     from server.trace_context import Span
 
-__all__ = ["SpanExport"]
+__all__ = ["SpanExport", "service_resource"]
 
 
 class _ChosenIds(IdGenerator):
@@ -55,11 +56,23 @@ class _ChosenIds(IdGenerator):
         return self.span_id
 
 
+def service_resource(app_module: str, version: str) -> Resource:
+    """The SDK's resource (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES) plus the version.
+
+    Without a name from those variables the SDK would say `unknown_service:python`; the
+    service is then named after the top package of APP_MODULE (`app.main:app` -> `app`)."""
+    resource = Resource.create({"service.version": version})
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        package = app_module.partition(":")[0].partition(".")[0]
+        resource = resource.merge(Resource({"service.name": package}))
+    return resource
+
+
 class SpanExport:
-    def __init__(self, version: str) -> None:
+    def __init__(self, app_module: str, version: str) -> None:
         self._ids = _ChosenIds()
         self._provider = TracerProvider(
-            resource=Resource.create({"service.version": version}), id_generator=self._ids
+            resource=service_resource(app_module, version), id_generator=self._ids
         )
         self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         self._tracer = self._provider.get_tracer("server")

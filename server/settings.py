@@ -15,9 +15,20 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["EX_CONFIG", "Settings", "SettingsError", "get_settings", "load_settings"]
+__all__ = [
+    "EX_CONFIG",
+    "OTEL_SDK_VARIABLES",
+    "Settings",
+    "SettingsError",
+    "get_settings",
+    "load_settings",
+]
 
 EX_CONFIG = 78  # sysexits.h: the exit status for a bad setting, which a restart will not fix
+
+# Read by the OpenTelemetry SDK itself when span export is on (server/otlp.py), not here:
+# the ones a deployment passes to the app besides OTEL_EXPORTER_OTLP_ENDPOINT.
+OTEL_SDK_VARIABLES = ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_EXPORTER_OTLP_HEADERS")
 
 
 class SettingsError(Exception):

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 class _Receiver(http.server.ThreadingHTTPServer):
     spans: list[Any]
+    resources: list[dict[str, str]]
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -38,6 +39,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         assert self.path == "/v1/traces"
         request = ExportTraceServiceRequest.FromString(body)
         for resource_spans in request.resource_spans:
+            attributes = resource_spans.resource.attributes
+            self.server.resources.append({a.key: a.value.string_value for a in attributes})
             for scope_spans in resource_spans.scope_spans:
                 self.server.spans.extend(scope_spans.spans)
         self.send_response(200)
@@ -52,6 +55,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def receiver() -> Iterator[_Receiver]:
     server = _Receiver(("127.0.0.1", free_port()), _Handler)
     server.spans = []
+    server.resources = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -64,7 +68,11 @@ def receiver() -> Iterator[_Receiver]:
 def test_one_span_per_request_with_the_logged_ids(receiver: _Receiver, tmp_path: Path) -> None:
     endpoint = f"http://127.0.0.1:{receiver.server_address[1]}"
     srv = start_server(
-        tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_BSP_SCHEDULE_DELAY="200"
+        tmp_path,
+        OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+        OTEL_BSP_SCHEDULE_DELAY="200",
+        OTEL_SERVICE_NAME="",  # unset: the default name is under test
+        APP_VERSION="otlp-test",
     )
     try:
         srv.wait_ready(workers=2)
@@ -102,6 +110,11 @@ def test_one_span_per_request_with_the_logged_ids(receiver: _Receiver, tmp_path:
         assert span.kind == span.SPAN_KIND_SERVER
         assert (span.status.code == span.status.STATUS_CODE_ERROR) == (status >= 500)
     assert names["/api/items/999"] == "GET /api/items/{item_id}"
+    # No OTEL_SERVICE_NAME: named after APP_MODULE's package, with the build's version.
+    assert receiver.resources
+    for resource in receiver.resources:
+        assert resource["service.name"] == "app"
+        assert resource["service.version"] == "otlp-test"
 
 
 @pytest.mark.parametrize(("endpoint", "imported"), [("", False), ("http://127.0.0.1:9", True)])

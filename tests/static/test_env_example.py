@@ -21,7 +21,7 @@ import yaml
 from acme.settings import DEFAULTS as ACME_DEFAULTS
 from loadtests.settings import load_settings as load_loadtest_settings
 from loadtests.settings import read_dotenv
-from server.settings import Settings
+from server.settings import OTEL_SDK_VARIABLES, Settings
 from tests.scripts import load_script
 from tests.static.compose import compose_config as config_of
 
@@ -143,7 +143,8 @@ def test_no_service_gets_the_whole_env_file() -> None:
 
 def test_each_service_gets_only_what_it_reads() -> None:
     readers = {
-        "app": {str(field.alias) for field in Settings.model_fields.values()},
+        "app": {str(field.alias) for field in Settings.model_fields.values()}
+        | set(OTEL_SDK_VARIABLES),
         "nginx": set(entrypoint_defaults()),
         "locust-master": loadtest_variables(),
         "alertmanager": set(
