@@ -452,6 +452,7 @@ def test_oversized_body_is_refused_with_413_before_the_app(
     assert_security_headers(r)
     line = edge.wait_record("nginx", by_id(rid))
     assert line["status"] == 413
+    assert line["method"] == "POST"  # not the GET of nginx's internal error-page redirect
     assert line["upstream_addr"] == ""
     # A body just under the limit does reach the app (its 422 for the bad note, not ours).
     small = client.post("/api/orders", json={"item_id": 1, "quantity": 1, "note": "x" * 1000})
